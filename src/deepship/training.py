@@ -1,0 +1,156 @@
+"""fit(cfg) -> run directory: data, backbone, ClassifierModule and a lightning.Trainer wired once."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from deepship.config import Config
+from deepship.data.datamodule import ClassificationData
+from deepship.data.split import load_splits
+from deepship.errors import ConfigError
+from deepship.models.backbones import build_backbone
+from deepship.run import build_module, write_json, write_run_files
+
+MONITOR = "val/macro_f1"
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "time_s"]
+
+
+# ---------------------------------------------------------------------------------- callbacks
+class HistoryCallback(Callback):
+    """Writes history.csv, one row per finished epoch (validation has run by then)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.start = path, time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        value = lambda key: float(m[key]) if key in m else float("nan")  # noqa: E731
+        row = [trainer.current_epoch + 1, value("train/loss_epoch"), value("val/loss"), value("val/accuracy"),
+               value(MONITOR), trainer.optimizers[0].param_groups[0]["lr"], round(time.perf_counter() - self.start, 3)]
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(HISTORY_COLUMNS)
+            writer.writerow(row)
+
+
+class ThroughputCallback(Callback):
+    """Training wall time and samples/s, counted from batch shapes (no device sync)."""
+
+    def __init__(self) -> None:
+        self.samples, self.seconds, self._t0 = 0, 0.0, 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.samples += int(batch[1].shape[0])
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self._t0
+
+
+# ------------------------------------------------------------------------------------ helpers
+def resolve_precision(cfg: Config) -> str:
+    """auto: bf16-mixed on CUDA with bf16, 16-mixed on older CUDA, full fp32 on CPU."""
+    requested, accelerator = cfg.train.precision, cfg.train.accelerator
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def describe_device(trainer: L.Trainer) -> str:
+    root = trainer.strategy.root_device
+    if root.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(root)})"
+    return root.type
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.overwrite:
+        raise ConfigError(f"train.run_name: {run_dir} already exists; choose another run name "
+                          "or pass --set train.overwrite=true to replace it")
+    return run_dir
+
+
+def strip_stage(metrics: dict[str, float], stage: str) -> dict[str, float]:
+    return {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith(f"{stage}/")}
+
+
+def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_per_epoch: int) -> L.Trainer:
+    # best.ckpt holds weights only (what export needs); last.ckpt holds the full state for resuming.
+    best = ModelCheckpoint(dirpath=run_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
+                           save_weights_only=True, auto_insert_metric_name=False)
+    last = ModelCheckpoint(dirpath=run_dir, filename="last", save_top_k=1, save_last=False,
+                           enable_version_counter=False)
+    callbacks = [best, last, *callbacks]
+    if cfg.train.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience))
+    return L.Trainer(
+        accelerator=cfg.train.accelerator,
+        devices=1,
+        precision=resolve_precision(cfg),
+        max_epochs=cfg.train.max_epochs,
+        gradient_clip_val=cfg.train.grad_clip,
+        deterministic=cfg.train.deterministic,
+        callbacks=callbacks,
+        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+        default_root_dir=str(run_dir),
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        enable_progress_bar=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------- fit
+def fit(cfg: Config) -> Path:
+    """Train per `cfg`, write the run directory, return its path."""
+    run_dir = prepare_run_dir(cfg)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    splits = load_splits(cfg)  # all data errors surface before a model is built
+    backbone = build_backbone(cfg.task, cfg.model, cfg.data, len(splits.classes))
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # overwrite was asked for, and everything before this succeeded
+    write_run_files(cfg, run_dir, splits.classes, backbone)
+
+    data = ClassificationData(cfg, splits, backbone)
+    module = build_module(cfg, backbone, splits.classes)
+    throughput = ThroughputCallback()
+    steps = -(-len(splits.train) // cfg.train.batch_size)
+    trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput], steps)
+    trainer.fit(module, datamodule=data)
+
+    # Re-evaluate the best checkpoint, so metrics.json is what best.ckpt reproduces.
+    best_path = trainer.checkpoint_callback.best_model_path  # the first callback: best by val/macro_f1
+    val = trainer.validate(module, datamodule=data, ckpt_path=best_path, verbose=False)[0]
+    metrics: dict[str, Any] = {"val": strip_stage(val, "val")}
+    if splits.test is not None:
+        test = trainer.test(module, datamodule=data, ckpt_path=best_path, verbose=False)[0]
+        metrics["test"] = strip_stage(test, "test")
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    metrics.update({
+        "best_epoch": int(best["epoch"]) + 1,
+        "epochs": trainer.current_epoch,
+        "train_time_s": round(throughput.seconds, 3),
+        "train_samples_per_s": round(throughput.samples / max(throughput.seconds, 1e-9), 2),
+        "num_samples": {k: len(v) for k, v in zip(("train", "val", "test"), (splits.train, splits.val, splits.test))
+                        if v is not None},
+        "device": describe_device(trainer),
+        "precision": str(trainer.precision),
+    })
+    write_json(run_dir / "metrics.json", metrics)
+    return run_dir
