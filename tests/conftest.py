@@ -130,3 +130,14 @@ def tiny_image_run(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) ->
     """A finished image run (MobileNetV2 on 32x32 colour classes); treat as read-only."""
     out = tmp_path_factory.mktemp("image-run")
     return train_run(image_config(image_dir, out / "runs"), out / "config.yaml")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none found)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

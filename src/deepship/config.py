@@ -22,6 +22,25 @@ Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 DEMO_PREFIX = "demo:"
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads 3e-4 as a float: PyYAML follows YAML 1.1, which wants 3.0e-4."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 class _Section(BaseModel):
     # strict: "32" is not a number and "yes" is not a bool; extra: a typo is an error, not a no-op.
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
@@ -133,7 +152,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(text)
+            node[parts[-1]] = parse_yaml(text)
         except yaml.YAMLError:
             node[parts[-1]] = text  # not valid YAML: keep the literal string
     return raw
@@ -169,7 +188,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found; pass a YAML file such as configs/quickstart_text.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from deepship.config import Config
+from deepship.config import Config, parse_yaml
 from deepship.errors import DataError
 from deepship.models.backbones import Backbone, build_backbone
 from deepship.models.classifier import ClassifierModule
@@ -54,7 +53,7 @@ def read_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise DataError(f"{run_dir}: no config.yaml; is this a deepship run directory?")
-    raw = yaml.safe_load(path.read_text())
+    raw = parse_yaml(path.read_text())
     return Config.model_validate(raw, context={"skip_path_checks": True})
 
 

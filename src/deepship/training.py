@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from deepship.models.backbones import build_backbone
 from deepship.run import build_module, write_json, write_run_files
 
 MONITOR = "val/macro_f1"
+# We write config.yaml and labels.json into the run directory before Lightning's checkpoints.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "time_s"]
 
 

@@ -1,0 +1,152 @@
+"""Config loading: defaults, overrides, and one clear exit-2 line for every kind of mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_config, write_text_csv
+
+from deepship import cli
+from deepship.config import Config, apply_overrides, load_config
+from deepship.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> dict:
+    csv_path = write_text_csv(tmp_path / "train.csv", n_per_class=5)
+    return {
+        "task": "text_classification",
+        "data": {"train": str(csv_path)},
+        "model": {"backbone": "all-MiniLM-L6-v2"},
+        "train": {"out_dir": str(tmp_path / "runs"), "run_name": "r"},
+    }
+
+
+def test_defaults_and_types(base: dict, tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "c.yaml", base))
+    assert cfg.data.val_fraction == 0.1 and cfg.data.pad_to_multiple_of == 16
+    assert cfg.train.lr == 1e-4 and cfg.train.precision == "auto" and cfg.model.pretrained is True
+    assert cfg.run_dir == tmp_path / "runs" / "r"
+
+
+def test_set_overrides_parse_yaml_scalars(base: dict, tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path / "c.yaml", base),
+                      ["train.lr=3e-4", "train.max_epochs=7", "data.num_workers=null", "model.pretrained=false"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.max_epochs == 7
+    assert cfg.data.num_workers is None and cfg.model.pretrained is False
+
+
+def test_overrides_create_nested_keys() -> None:
+    raw: dict = {}
+    apply_overrides(raw, ["a.b.c=1", "a.d=x"])
+    assert raw == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+BAD_CASES = [
+    # (id, mutation of the raw config or --set list, text the error must contain)
+    ("unknown-key", {"train": {"lrr": 0.1}}, "train.lrr: unknown key"),
+    ("unknown-section", {"optim": {"lr": 0.1}}, "optim: unknown key"),
+    ("wrong-type", {"train": {"batch_size": "many"}}, "train.batch_size"),
+    ("float-for-int", {"train": {"max_epochs": 2.5}}, "train.max_epochs"),
+    ("negative-lr", {"train": {"lr": -1.0}}, "train.lr: Input should be greater than 0"),
+    ("val-fraction-high", {"data": {"val_fraction": 1.5}}, "data.val_fraction: Input should be less than 1"),
+    ("val-fraction-zero", {"data": {"val_fraction": 0.0}}, "data.val_fraction: Input should be greater than 0"),
+    ("missing-train-file", {"data": {"train": "nope/missing.csv"}}, "data.train: 'nope/missing.csv' does not exist"),
+    ("missing-val-file", {"data": {"val": "missing-val.csv"}}, "data.val: 'missing-val.csv' does not exist"),
+    ("bad-task", {"task": "regression"}, "task: Input should be 'text_classification' or 'image_classification'"),
+    ("bad-precision", {"train": {"precision": "fp8"}}, "train.precision"),
+    ("bad-run-name", {"train": {"run_name": "../escape"}}, "train.run_name: '../escape' is not a plain directory name"),
+    ("unknown-demo", {"data": {"train": "demo:nothing/train.csv"}}, "unknown demo dataset 'nothing'"),
+    ("missing-weights", {"model": {"pretrained": "weights.pth"}}, "model.pretrained: weights file 'weights.pth' not found"),
+]
+
+
+def _merge(raw: dict, patch: dict) -> dict:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            _merge(raw[key], value)
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("case_id,patch,expected", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_config_exits_2_naming_the_key(case_id, patch, expected, base, tmp_path, capsys) -> None:
+    path = write_config(tmp_path / "c.yaml", _merge(base, patch))
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert not (tmp_path / "runs").exists()  # failed before anything was built or written
+
+
+def test_missing_required_keys(tmp_path: Path, capsys) -> None:
+    path = write_config(tmp_path / "c.yaml", {"data": {}})
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "task: required key is missing" in err and "data.train: required key is missing" in err
+
+
+@pytest.mark.parametrize("content,expected", [("task: [unclosed", "not valid YAML"),
+                                              ("- a\n- b\n", "expected a mapping")])
+def test_unreadable_yaml(tmp_path: Path, capsys, content: str, expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    assert cli.main(["train", "--config", str(path)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_bad_set_syntax_and_missing_config(base: dict, tmp_path: Path, capsys) -> None:
+    path = write_config(tmp_path / "c.yaml", base)
+    assert cli.main(["train", "--config", str(path), "--set", "train.lr"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_set_override_is_validated(base: dict, tmp_path: Path, capsys) -> None:
+    path = write_config(tmp_path / "c.yaml", base)
+    assert cli.main(["train", "--config", str(path), "--set", "train.batch_size=0"]) == 2
+    assert "train.batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_single_class_data_exits_2(tmp_path: Path, capsys) -> None:
+    csv_path = tmp_path / "one.csv"
+    csv_path.write_text("text,label\nhello,a\nworld,a\nagain,a\n")
+    raw = {"task": "text_classification", "data": {"train": str(csv_path)},
+           "model": {"backbone": "all-MiniLM-L6-v2"}, "train": {"out_dir": str(tmp_path / "runs")}}
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    assert "a classifier needs at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shipped_configs_are_valid() -> None:
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        # The GPU starting points name the user's data, which is not here; everything else must hold.
+        cfg = Config.model_validate(raw, context={"skip_path_checks": True})
+        assert cfg.task in ("text_classification", "image_classification"), path
+
+
+def test_quickstart_configs_load_for_real() -> None:
+    for name in ("quickstart_text", "quickstart_image"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert cfg.data.train.startswith("demo:")
+
+
+def test_script_wrapper_exit_code(base: dict, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", _merge(base, {"train": {"lr": -1}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_error_is_exit_code_2() -> None:
+    assert ConfigError.exit_code == 2

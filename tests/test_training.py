@@ -1,0 +1,212 @@
+"""Training end to end on CPU: models learn, the run directory is complete and self-consistent."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import RT_POLARITY, image_config, train_run, write_config
+
+from deepship import cli
+from deepship.config import Config, ModelConfig, load_config
+from deepship.data.datamodule import ClassificationData
+from deepship.data.split import load_splits
+from deepship.errors import ConfigError
+from deepship.models.backbones import build_backbone
+from deepship.run import load_run
+from deepship.training import HISTORY_COLUMNS, resolve_precision
+
+RUNS = ["tiny_image_run", "tiny_text_run"]
+
+
+def read_history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("run, chance", [("tiny_image_run", 1 / 3), ("tiny_text_run", 1 / 2)])
+def test_tiny_runs_learn_the_separable_problem(run: str, chance: float, request) -> None:
+    metrics = read_metrics(request.getfixturevalue(run))
+    assert metrics["val"]["accuracy"] >= chance + 0.45, metrics["val"]
+    assert metrics["val"]["macro_f1"] >= 0.8
+    history = read_history(request.getfixturevalue(run))
+    assert float(history[-1]["train_loss"]) < float(history[0]["train_loss"])
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_run_directory_contents(run: str, request) -> None:
+    run_dir: Path = request.getfixturevalue(run)
+    for name in ("config.yaml", "labels.json", "best.ckpt", "last.ckpt", "history.csv", "metrics.json"):
+        assert (run_dir / name).is_file(), name
+    cfg = load_config(run_dir / "config.yaml")  # the resolved config is itself a valid config
+    assert cfg.train.max_epochs == 6 and cfg.run_dir == run_dir
+    labels = json.loads((run_dir / "labels.json").read_text())
+    assert labels == sorted(labels) and len(labels) >= 2
+    history = read_history(run_dir)
+    assert list(history[0]) == HISTORY_COLUMNS and [int(r["epoch"]) for r in history] == list(range(1, 7))
+    metrics = read_metrics(run_dir)
+    assert set(metrics["val"]) == {"accuracy", "macro_f1", "loss"}
+    assert metrics["epochs"] == 6 and 1 <= metrics["best_epoch"] <= 6
+    assert metrics["device"] == "cpu" and metrics["precision"] == "32-true"
+    assert metrics["train_samples_per_s"] > 0 and metrics["num_samples"]["train"] > metrics["num_samples"]["val"]
+    if cfg.task == "text_classification":
+        assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+def _macro_f1(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
+    scores = []
+    for c in range(num_classes):
+        tp = np.sum((pred == c) & (target == c))
+        fp, fn = np.sum((pred == c) & (target != c)), np.sum((pred != c) & (target == c))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_metrics_json_is_what_history_and_best_ckpt_reproduce(run: str, request) -> None:
+    run_dir: Path = request.getfixturevalue(run)
+    metrics = read_metrics(run_dir)
+    best_row = read_history(run_dir)[metrics["best_epoch"] - 1]
+    assert float(best_row["val_accuracy"]) == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
+    assert float(best_row["val_macro_f1"]) == pytest.approx(metrics["val"]["macro_f1"], abs=1e-6)
+    assert float(best_row["val_loss"]) == pytest.approx(metrics["val"]["loss"], abs=1e-6)
+    # best is best: no epoch has a higher val macro-F1
+    assert max(float(r["val_macro_f1"]) for r in read_history(run_dir)) == pytest.approx(metrics["val"]["macro_f1"])
+
+    # Independent re-evaluation: rebuild the model from the run dir, run the val split by hand.
+    loaded = load_run(run_dir)
+    data = ClassificationData(loaded.config, load_splits(loaded.config), loaded.backbone)
+    data.setup()
+    logits, targets = [], []
+    with torch.no_grad():
+        for inputs, y in data.val_dataloader():
+            logits.append(loaded.module(**inputs))
+            targets.append(y)
+    logits_t, targets_t = torch.cat(logits), torch.cat(targets)
+    pred, target = logits_t.argmax(1).numpy(), targets_t.numpy()
+    assert float(np.mean(pred == target)) == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
+    assert _macro_f1(pred, target, len(loaded.classes)) == pytest.approx(metrics["val"]["macro_f1"], abs=1e-6)
+    loss = torch.nn.functional.cross_entropy(logits_t, targets_t).item()
+    assert loss == pytest.approx(metrics["val"]["loss"], abs=1e-5)
+
+
+def test_seeded_cpu_runs_reproduce(image_dir: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        raw = image_config(image_dir, tmp_path / "runs", run_name=name, max_epochs=2)
+        runs.append(train_run(raw, tmp_path / f"{name}.yaml"))
+    strip_time = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
+    assert strip_time(read_history(runs[0])) == strip_time(read_history(runs[1]))
+    assert read_metrics(runs[0])["val"] == read_metrics(runs[1])["val"]
+    a = torch.load(runs[0] / "best.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(runs[1] / "best.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_image_run: Path, tmp_path: Path, capsys) -> None:
+    cfg = load_config(tiny_image_run / "config.yaml")
+    before = (tiny_image_run / "metrics.json").read_bytes()
+    path = write_config(tmp_path / "again.yaml", cfg.model_dump(mode="json"))
+    assert cli.main(["train", "--config", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tiny_image_run / "metrics.json").read_bytes() == before
+
+
+def test_unreachable_imagenet_weights_give_a_clear_error(monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("torch.hub.load_state_dict_from_url", offline)
+    with pytest.raises(ConfigError, match=r"model.pretrained: cannot get ImageNet weights.*local state_dict file.*false"):
+        build_backbone("image_classification", ModelConfig(pretrained=True), None, 3)
+
+
+def test_pretrained_from_local_state_dict(tmp_path: Path) -> None:
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(123)
+    source = mobilenet_v2()
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model_cfg = ModelConfig.model_validate({"pretrained": str(tmp_path / "w.pth")})
+    net = build_backbone("image_classification", model_cfg, None, 3).net.model
+    assert torch.equal(net.features[0][0].weight, source.features[0][0].weight)
+    assert net.classifier[1].out_features == 3  # new head for our classes
+
+
+def test_pretrained_file_with_arbitrary_pickle_is_refused(tmp_path: Path) -> None:
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(Payload()))
+    model_cfg = ModelConfig.model_validate({"pretrained": str(tmp_path / "evil.pth")})
+    with pytest.raises(ConfigError, match="cannot load .* as a weights-only state_dict"):
+        build_backbone("image_classification", model_cfg, None, 3)
+
+
+def test_text_backbone_for_image_task_and_vice_versa() -> None:
+    with pytest.raises(ConfigError, match="unknown image backbone 'bert-base-uncased'"):
+        build_backbone("image_classification", ModelConfig(backbone="bert-base-uncased"), None, 2)
+    with pytest.raises(ConfigError, match="'mobilenet_v2' is an image backbone but task is text_classification"):
+        build_backbone("text_classification", ModelConfig(), None, 2)
+
+
+def test_auto_precision(monkeypatch) -> None:
+    cfg = Config.model_validate({"task": "image_classification", "data": {"train": "x"}},
+                                context={"skip_path_checks": True})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision(cfg) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision(cfg) == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_precision(cfg) == "16-mixed"
+    assert resolve_precision(cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "32-true"})})) \
+        == "32-true"
+
+
+@pytest.mark.gpu
+def test_cuda_run_uses_mixed_precision(image_dir: Path, tmp_path: Path) -> None:
+    run = train_run(image_config(image_dir, tmp_path / "runs", max_epochs=2), tmp_path / "c.yaml")
+    metrics = read_metrics(run)
+    assert metrics["device"].startswith("cuda") and metrics["precision"] in ("bf16-mixed", "16-mixed")
+
+
+def _rt_polarity_csv(path: Path, n_per_class: int, offset: int) -> Path:
+    rows = []
+    for label, suffix in (("positive", "pos"), ("negative", "neg")):
+        lines = (RT_POLARITY / f"rt-polarity.{suffix}").read_text(encoding="latin-1").splitlines()
+        rng = random.Random(0)
+        rng.shuffle(lines)
+        rows += [(t, label) for t in lines[offset : offset + n_per_class]]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RT_POLARITY.is_dir(), reason="shared data ../shared/data/rt-polarity is absent")
+def test_real_minilm_on_rt_polarity_beats_070(tmp_path: Path) -> None:
+    train = _rt_polarity_csv(tmp_path / "train.csv", 300, offset=0)
+    test = _rt_polarity_csv(tmp_path / "test.csv", 200, offset=1000)  # disjoint lines
+    raw = {"task": "text_classification",
+           "data": {"train": str(train), "test": str(test), "val_fraction": 0.15, "max_length": 64},
+           "model": {"backbone": "all-MiniLM-L6-v2"},
+           "train": {"max_epochs": 3, "batch_size": 16, "lr": 5e-5, "out_dir": str(tmp_path / "runs"),
+                     "run_name": "rt"}}
+    metrics = read_metrics(train_run(raw, tmp_path / "rt.yaml"))
+    assert metrics["test"]["accuracy"] > 0.70, metrics
