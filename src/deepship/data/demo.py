@@ -111,7 +111,7 @@ def render_shape(shape: str, rng: random.Random, size: int = 64) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 
-def make_shapes_images(root: Path, per_class: tuple[int, int] = (150, 40), seed: int = 0) -> None:
+def make_shapes_images(root: Path, per_class: tuple[int, int] = (300, 60), seed: int = 0) -> None:
     """Write train/ and test/ class-per-folder trees of 64x64 images (PNG and JPEG mixed)."""
     rng = random.Random(seed)
     for split, n in zip(("train", "test"), per_class):
