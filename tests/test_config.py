@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_config, write_text_csv
 
 from deepship import cli
 from deepship.config import Config, apply_overrides, load_config
 from deepship.errors import ConfigError
+
+from conftest import write_config, write_text_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,12 +58,15 @@ BAD_CASES = [
     ("negative-lr", {"train": {"lr": -1.0}}, "train.lr: Input should be greater than 0"),
     ("val-fraction-high", {"data": {"val_fraction": 1.5}}, "data.val_fraction: Input should be less than 1"),
     ("val-fraction-zero", {"data": {"val_fraction": 0.0}}, "data.val_fraction: Input should be greater than 0"),
-    ("missing-train-file", {"data": {"train": "nope/missing.csv"}}, "data.train: 'nope/missing.csv' does not exist"),
-    ("missing-val-file", {"data": {"val": "missing-val.csv"}}, "data.val: 'missing-val.csv' does not exist"),
+    ("missing-train-file", {"data": {"train": "nope/missing.csv"}}, "data.train[0]: 'nope/missing.csv' does not exist"),
+    ("missing-val-file", {"data": {"val": "missing-val.csv"}}, "data.val[0]: 'missing-val.csv' does not exist"),
     ("bad-task", {"task": "regression"}, "task: Input should be 'text_classification' or 'image_classification'"),
     ("bad-precision", {"train": {"precision": "fp8"}}, "train.precision"),
     ("bad-run-name", {"train": {"run_name": "../escape"}}, "train.run_name: '../escape' is not a plain directory name"),
     ("unknown-demo", {"data": {"train": "demo:nothing/train.csv"}}, "unknown demo dataset 'nothing'"),
+    ("unknown-source-key", {"data": {"train": [{"path": "x", "colum": "t"}]}},
+     "data.train[0].colum: unknown key; allowed keys here: ['label_column', 'path'"),
+    ("bad-max-bad-fraction", {"data": {"max_bad_fraction": 2}}, "data.max_bad_fraction"),
     ("missing-weights", {"model": {"pretrained": "weights.pth"}}, "model.pretrained: weights file 'weights.pth' not found"),
 ]
 
@@ -137,7 +141,7 @@ def test_shipped_configs_are_valid() -> None:
 def test_quickstart_configs_load_for_real() -> None:
     for name in ("quickstart_text", "quickstart_image"):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-        assert cfg.data.train.startswith("demo:")
+        assert cfg.data.train[0].path.startswith("demo:")
 
 
 def test_script_wrapper_exit_code(base: dict, tmp_path: Path) -> None:

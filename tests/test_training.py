@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RT_POLARITY, image_config, train_run, write_config
 
 from deepship import cli
 from deepship.config import Config, ModelConfig, load_config
@@ -21,6 +20,8 @@ from deepship.errors import ConfigError
 from deepship.models.backbones import build_backbone
 from deepship.run import load_run
 from deepship.training import HISTORY_COLUMNS, resolve_precision
+
+from conftest import RT_POLARITY, image_config, train_run, write_config
 
 RUNS = ["tiny_image_run", "tiny_text_run"]
 

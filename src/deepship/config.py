@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -46,9 +46,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
-def _check_source(value: str | None, info: ValidationInfo) -> str | None:
-    """A data source is an existing file/folder, or a generated demo dataset `demo:NAME/SPLIT`."""
-    if value is None or not _checking_paths(info):
+HF_PREFIX = "hf:"
+
+
+def _check_source(value: str, info: ValidationInfo) -> str:
+    """A source is an existing file/folder, `hf:NAME[:CONFIG]`, or a generated demo `demo:NAME/REST`."""
+    if value.startswith(HF_PREFIX) or not _checking_paths(info):
         return value
     if value.startswith(DEMO_PREFIX):
         from deepship.data.demo import DEMOS  # local: the demo registry is only needed here
@@ -70,10 +73,33 @@ def _checking_paths(info: ValidationInfo) -> bool:
     return not (info.context or {}).get("skip_path_checks", False)
 
 
+class SourceConfig(_Section):
+    """One data source; `data.train` etc. take one or a list (concatenated)."""
+
+    path: str = Field(min_length=1, description="folder, CSV/JSONL/Parquet file, hf:NAME[:CONFIG] or demo:NAME/...")
+    split: str = Field("train", description="hf: sources: which split to load")
+    text_column: str | None = Field(None, description="default: data.text_column")
+    label_column: str | None = Field(None, description="default: data.label_column")
+    path_column: str | None = Field(None, description="default: data.path_column")
+
+    @field_validator("path")
+    @classmethod
+    def _source_exists(cls, value: str, info: ValidationInfo) -> str:
+        return _check_source(value, info)
+
+
+def _as_source_list(value: Any) -> Any:
+    """`train: file.csv`, `train: {path: ...}` and `train: [a.csv, {path: b.jsonl}]` all become a list."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    return [{"path": item} if isinstance(item, str) else item for item in items]
+
+
 class DataConfig(_Section):
-    train: str = Field(description="class-per-folder dir or CSV (image); CSV/JSONL/Parquet (text)")
-    val: str | None = Field(None, description="optional; else a stratified val_fraction of train")
-    test: str | None = Field(None, description="optional held-out set, evaluated after training")
+    train: list[SourceConfig] = Field(description="image: class-per-folder dir or table; text: CSV/JSONL/Parquet")
+    val: list[SourceConfig] | None = Field(None, description="optional; else a stratified val_fraction of train")
+    test: list[SourceConfig] | None = Field(None, description="optional held-out set, evaluated after training")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     text_column: str = "text"
     label_column: str = "label"
@@ -81,11 +107,15 @@ class DataConfig(_Section):
     max_length: int = Field(128, ge=8, le=8192, description="text: tokens kept per input")
     pad_to_multiple_of: int = Field(16, ge=1, le=512, description="text: batch length rounding")
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers; null = auto")
+    label_map: dict[str, str] = Field(default_factory=dict, description="rename/merge labels: {spelling: label}")
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="abort when more samples are quarantined")
+    min_per_class: int = Field(10, ge=1, description="warn when a class has fewer examples in a split")
+    max_imbalance_ratio: float = Field(20.0, ge=1.0, description="warn when largest/smallest class exceeds it")
+    min_image_size: int = Field(16, ge=1, description="images with a shorter side below this are quarantined")
+    remove_leakage: bool = Field(True, description="drop val/test samples that duplicate a training sample")
 
-    @field_validator("train", "val", "test")
-    @classmethod
-    def _source_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return _check_source(value, info)
+    _sources_as_lists = field_validator("train", "val", "test", mode="before")(classmethod(
+        lambda cls, value: _as_source_list(value)))
 
 
 class ModelConfig(_Section):
@@ -162,7 +192,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = Confi
     """One line per the house rule: dotted key, what is wrong, what is allowed."""
     parts = []
     for e in err.errors()[:3]:
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("bool", "str")))
+        loc = _format_loc(e["loc"])
         if e["type"] == "extra_forbidden":
             allowed = sorted(_section_for(model, e["loc"][:-1]).model_fields)
             parts.append(f"{loc}: unknown key; allowed keys here: {allowed}")
@@ -174,11 +204,29 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] = Confi
     return "; ".join(parts)
 
 
+def _format_loc(loc: Sequence[Any]) -> str:
+    """('data', 'train', 0, 'path') -> 'data.train[0]'; union branch names ('bool', 'str') are dropped."""
+    text = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part == "path" and i > 0 and isinstance(loc[i - 1], int):
+            continue  # a source's path is the source itself
+        elif not str(part).startswith(("bool", "str")):
+            text += f".{part}" if text else str(part)
+    return text
+
+
 def _section_for(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel]:
+    """The model class that owns the last key of `loc`, looking through list[...] and X | None."""
     for part in loc:
+        if isinstance(part, int) or str(part) not in model.model_fields:
+            continue
         annotation = model.model_fields[str(part)].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        for candidate in (annotation, *get_args(annotation), *(a for g in get_args(annotation) for a in get_args(g))):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
     return model
 
 

@@ -23,9 +23,10 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def build_module(cfg: Config, backbone: Backbone, classes: list[str]) -> ClassifierModule:
+def build_module(cfg: Config, backbone: Backbone, classes: list[str],
+                 data_fingerprint: str | None = None) -> ClassifierModule:
     run_info = {"config": cfg.model_dump(mode="json"), "labels": classes,
-                "preprocessing": backbone.preprocessing.to_dict()}
+                "preprocessing": backbone.preprocessing.to_dict(), "data_fingerprint": data_fingerprint}
     return ClassifierModule(backbone.net, len(classes), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             warmup_ratio=cfg.train.warmup_ratio, channels_last=backbone.channels_last,
                             run_info=run_info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,12 +17,14 @@ from lightning.pytorch.loggers import CSVLogger
 
 from deepship.config import Config
 from deepship.data.datamodule import ClassificationData
-from deepship.data.split import load_splits
-from deepship.errors import ConfigError
+from deepship.data.report import write_data_report
+from deepship.data.split import DataValidationError, Splits, load_validated
+from deepship.errors import ConfigError, DataError
 from deepship.models.backbones import build_backbone
 from deepship.run import build_module, write_json, write_run_files
 
 MONITOR = "val/macro_f1"
+FINISHED_RUN_FILES = ("best.ckpt", "last.ckpt", "metrics.json")
 # We write config.yaml and labels.json into the run directory before Lightning's checkpoints.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "time_s"]
@@ -84,11 +87,38 @@ def describe_device(trainer: L.Trainer) -> str:
 
 
 def prepare_run_dir(cfg: Config) -> Path:
+    """Refuse to clobber a finished run; leftovers of an aborted one (a data report) may go."""
     run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.overwrite:
-        raise ConfigError(f"train.run_name: {run_dir} already exists; choose another run name "
+    if any((run_dir / name).exists() for name in FINISHED_RUN_FILES) and not cfg.train.overwrite:
+        raise ConfigError(f"train.run_name: {run_dir} already holds a run; choose another run name "
                           "or pass --set train.overwrite=true to replace it")
     return run_dir
+
+
+def reset_run_dir(run_dir: Path) -> None:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+
+
+def validate_data(cfg: Config, run_dir: Path) -> tuple[Splits, dict[str, Any]]:
+    """Validated splits and the data report; too many bad samples stop here, report written."""
+    try:
+        return load_validated(cfg)
+    except DataValidationError as exc:
+        reset_run_dir(run_dir)
+        path = write_data_report(exc.report, run_dir)
+        raise DataError(f"{exc}; see {path} for the list, then fix or remove them or raise the limit") from None
+
+
+def record_truncation(report: dict[str, Any], data: ClassificationData, max_length: int) -> None:
+    for name, dataset in data.datasets.items():
+        truncated = getattr(dataset, "truncated", None)
+        if truncated is not None:
+            report["splits"][name]["truncated"] = truncated
+            if truncated:
+                report["warnings"].append(f"{name}: {truncated} texts are longer than {max_length} tokens "
+                                          "and get truncated (data.max_length)")
 
 
 def strip_stage(metrics: dict[str, float], stage: str) -> dict[str, float]:
@@ -124,14 +154,18 @@ def fit(cfg: Config) -> Path:
     """Train per `cfg`, write the run directory, return its path."""
     run_dir = prepare_run_dir(cfg)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    splits = load_splits(cfg)  # all data errors surface before a model is built
+    splits, report = validate_data(cfg, run_dir)  # all data errors surface before a model is built
     backbone = build_backbone(cfg.task, cfg.model, cfg.data, len(splits.classes))
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # overwrite was asked for, and everything before this succeeded
+    reset_run_dir(run_dir)  # a replaced run goes only once everything before this succeeded
     write_run_files(cfg, run_dir, splits.classes, backbone)
 
     data = ClassificationData(cfg, splits, backbone)
-    module = build_module(cfg, backbone, splits.classes)
+    data.setup("fit")
+    record_truncation(report, data, backbone.preprocessing.max_length if backbone.modality == "text" else 0)
+    write_data_report(report, run_dir)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    module = build_module(cfg, backbone, splits.classes, report["fingerprint"])
     throughput = ThroughputCallback()
     steps = -(-len(splits.train) // cfg.train.batch_size)
     trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput], steps)
@@ -152,6 +186,7 @@ def fit(cfg: Config) -> Path:
         "train_samples_per_s": round(throughput.samples / max(throughput.seconds, 1e-9), 2),
         "num_samples": {k: len(v) for k, v in zip(("train", "val", "test"), (splits.train, splits.val, splits.test))
                         if v is not None},
+        "data_fingerprint": report["fingerprint"],
         "device": describe_device(trainer),
         "precision": str(trainer.precision),
     })

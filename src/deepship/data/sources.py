@@ -1,34 +1,46 @@
-"""Read labeled samples from folders and tables into one modality-neutral shape.
+"""Read labeled samples from folders, tables and Hugging Face datasets into one modality-neutral shape.
 
-A `Samples` holds inputs (texts, or image file paths) and their label strings; everything after
-this point (label maps, splits, datasets) works on it for image and text alike.
+A `Samples` holds inputs (texts, or image file paths), their label strings and where each came
+from; everything after this point (validation, label maps, splits, datasets) works on it for image
+and text alike. Reading never judges the data: empty texts, missing labels and missing files pass
+through as empty strings and are quarantined, counted and reported by `deepship.data.validate`.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+from unittest import mock
+from urllib.parse import urlparse
 
-from deepship.config import DEMO_PREFIX, DataConfig, Task
+from deepship.config import DEMO_PREFIX, HF_PREFIX, DataConfig, SourceConfig, Task
 from deepship.errors import DataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-TABLE_READERS = {".csv": "from_csv", ".tsv": "from_csv", ".jsonl": "from_json", ".json": "from_json",
-                 ".parquet": "from_parquet", ".pq": "from_parquet"}
+TABLE_READERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 
 @dataclass(frozen=True)
 class Samples:
-    inputs: list[str]  # texts, or absolute image paths
-    labels: list[str]
-    source: str  # where they came from, for messages
+    inputs: list[str]  # texts, or absolute image paths ("" when missing)
+    labels: list[str]  # "" when missing
+    origins: list[str]  # "file.csv row 7" or the image path: how a person finds the sample
+    source: str  # the split's sources, for messages
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def subset(self, indices: Sequence[int]) -> "Samples":
-        return Samples([self.inputs[i] for i in indices], [self.labels[i] for i in indices], self.source)
+        pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
+        return Samples(pick(self.inputs), pick(self.labels), pick(self.origins), self.source)
+
+    @staticmethod
+    def concat(parts: Sequence["Samples"]) -> "Samples":
+        return Samples([x for p in parts for x in p.inputs], [y for p in parts for y in p.labels],
+                       [o for p in parts for o in p.origins], " + ".join(p.source for p in parts))
 
 
 def resolve_source(source: str) -> Path:
@@ -41,19 +53,41 @@ def resolve_source(source: str) -> Path:
     return Path(source)
 
 
-def read_samples(source: str, task: Task, cfg: DataConfig) -> Samples:
-    path = resolve_source(source)
-    if not path.exists():
-        raise DataError(f"{source}: not found; give an existing folder or file")
-    if task == "image_classification":
-        samples = read_image_folder(path) if path.is_dir() else read_image_table(path, cfg)
-    else:
-        if path.is_dir():
-            raise DataError(f"{path}: is a folder; text data must be a CSV, JSONL or Parquet file")
-        samples = _samples_from_columns(path, cfg.text_column, cfg.label_column)
-    if len(samples) == 0:
-        raise DataError(f"{path}: contains no samples; check the file or the column names")
+def read_split(sources: Sequence[SourceConfig], task: Task, cfg: DataConfig) -> Samples:
+    """Read and concatenate a split's sources, then apply `data.label_map`."""
+    samples = Samples.concat([read_source(s, task, cfg) for s in sources])
+    if cfg.label_map:
+        samples = Samples(samples.inputs, [cfg.label_map.get(y, y) for y in samples.labels], samples.origins,
+                          samples.source)
     return samples
+
+
+def read_source(spec: SourceConfig, task: Task, cfg: DataConfig) -> Samples:
+    label_column = spec.label_column or cfg.label_column
+    if spec.path.startswith(HF_PREFIX):
+        if task == "image_classification":
+            raise DataError(f"{spec.path}: hf: sources are supported for text; save images to a folder or table")
+        return _samples_from_table(_read_hf(spec), f"{spec.path}[{spec.split}]", spec.text_column or cfg.text_column,
+                                   label_column, row_word="#", first_row=0)
+    path = resolve_source(spec.path)
+    if not path.exists():
+        raise DataError(f"{spec.path}: not found; give an existing folder or file")
+    if task == "image_classification":
+        if path.is_dir():
+            return read_image_folder(path)
+        samples = _samples_from_table(_read_table(path), str(path), spec.path_column or cfg.path_column, label_column,
+                                      **_row_numbering(path))
+        return _resolve_image_paths(samples, path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; text data must be a CSV, JSONL or Parquet file")
+    return _samples_from_table(_read_table(path), str(path), spec.text_column or cfg.text_column, label_column,
+                               **_row_numbering(path))
+
+
+def _row_numbering(path: Path) -> dict[str, Any]:
+    # CSV rows count the header as row 1, as a spreadsheet shows them; JSONL counts lines from 1.
+    return {"row_word": "row", "first_row": 2} if TABLE_READERS[path.suffix.lower()] == "csv" else \
+        {"row_word": "line", "first_row": 1}
 
 
 def read_image_folder(root: Path) -> Samples:
@@ -68,45 +102,94 @@ def read_image_folder(root: Path) -> Samples:
             f"{root}: no images found; expected one sub-folder per class holding "
             f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files"
         )
-    return Samples(inputs, labels, str(root))
+    return Samples(inputs, labels, list(inputs), str(root))
 
 
-def read_image_table(path: Path, cfg: DataConfig) -> Samples:
-    """CSV/JSONL/Parquet with a path column (relative to the table's folder) and a label column."""
-    samples = _samples_from_columns(path, cfg.path_column, cfg.label_column)
-    base = path.resolve().parent
-    resolved = [str((base / p).resolve()) for p in samples.inputs]
-    for row, file in enumerate(resolved):
-        if not Path(file).is_file():
-            raise DataError(f"{path} row {row + 2}: image '{samples.inputs[row]}' not found "
-                            "(paths are relative to the table's folder)")
-    return Samples(resolved, samples.labels, str(path))
+def _resolve_image_paths(samples: Samples, table: Path) -> Samples:
+    """Paths in a table are relative to the table's folder; missing files stay for validation."""
+    base = table.resolve().parent
+    resolved = [str((base / p).resolve()) if p else "" for p in samples.inputs]
+    return Samples(resolved, samples.labels, samples.origins, samples.source)
 
 
-def _read_table(path: Path) -> "datasets.Dataset":  # noqa: F821
+def _utf8_or_replaced_copy(path: Path) -> tuple[Path, str | None]:
+    """Tables with bytes that are not UTF-8 are decoded with U+FFFD replacement (counted later)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        return path, None
+    except UnicodeDecodeError:
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(suffix=path.suffix)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data.decode("utf-8", errors="replace"))
+        return Path(tmp), tmp
+
+
+def _read_table(path: Path) -> Any:
     import datasets  # local: the torch-free runtime must not pull in datasets
 
-    reader = TABLE_READERS.get(path.suffix.lower())
-    if reader is None:
+    kind = TABLE_READERS.get(path.suffix.lower())
+    if kind is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {sorted(TABLE_READERS)}")
     datasets.disable_progress_bars()
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    readable, tmp = _utf8_or_replaced_copy(path) if kind != "parquet" else (path, None)
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if kind == "csv":
+        kwargs["keep_default_na"] = False  # an empty cell is an empty string, not NaN
     try:
-        return getattr(datasets.Dataset, reader)(str(path), keep_in_memory=True, **kwargs)
+        return datasets.load_dataset(kind, data_files=str(readable), split="train", keep_in_memory=True, **kwargs)
     except Exception as exc:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot read as a table ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: cannot read as a table ({type(exc).__name__}: {str(exc)[:200]})") from None
+    finally:
+        if tmp:
+            os.unlink(tmp)
 
 
-def _samples_from_columns(path: Path, input_column: str, label_column: str) -> Samples:
-    table = _read_table(path)
-    for key, column in (("input", input_column), ("label_column", label_column)):
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub: offline, datasets would otherwise retry with backoff for ~25 s."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _read_hf(spec: SourceConfig) -> Any:
+    """`hf:NAME[:CONFIG]` through datasets; offline it uses the local cache or fails at once, clearly."""
+    import datasets
+    import datasets.config
+    import huggingface_hub.constants
+
+    name, _, config = spec.path[len(HF_PREFIX) :].partition(":")
+    offline = datasets.config.HF_HUB_OFFLINE or not hub_reachable()
+    try:
+        with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", offline), \
+                mock.patch.object(datasets.config, "HF_HUB_OFFLINE", offline):
+            return datasets.load_dataset(name, config or None, split=spec.split)
+    except Exception as exc:
+        raise DataError(
+            f"{spec.path} (split {spec.split}): cannot load from the Hugging Face hub ({type(exc).__name__}); "
+            "offline? load it once on a connected machine (it is then cached) or save it as CSV/Parquet"
+        ) from None
+
+
+def _label_names(table: Any, column: str) -> list[str]:
+    """ClassLabel columns hold ints; report and train on their names."""
+    feature = table.features.get(column)
+    values = table[column]
+    if hasattr(feature, "int2str"):
+        return ["" if v is None or v < 0 else feature.int2str(v) for v in values]
+    return ["" if v is None else str(v).strip() for v in values]
+
+
+def _samples_from_table(table: Any, name: str, input_column: str, label_column: str,
+                        row_word: str, first_row: int) -> Samples:
+    for option, column in (("data.text_column / data.path_column", input_column), ("data.label_column", label_column)):
         if column not in table.column_names:
-            option = "data.label_column" if key == "label_column" else "data.text_column / data.path_column"
-            raise DataError(f"{path}: no column '{column}'; columns are {table.column_names}; set {option}")
-    inputs, labels = table[input_column], table[label_column]
-    for row, (x, y) in enumerate(zip(inputs, labels)):
-        if x is None or y is None or str(y).strip() == "":
-            what = "input" if x is None else "label"
-            # Row numbers count the header line as row 1, as a spreadsheet shows them.
-            raise DataError(f"{path} row {row + 2}: missing {what}; fill it in or drop the row")
-    return Samples([str(x) for x in inputs], [str(y).strip() for y in labels], str(path))
+            raise DataError(f"{name}: no column '{column}'; columns are {table.column_names}; set {option}")
+    inputs = ["" if x is None else str(x) for x in table[input_column]]
+    origins = [f"{name} {row_word} {i + first_row}" if row_word != "#" else f"{name} #{i}" for i in range(len(inputs))]
+    return Samples(inputs, _label_names(table, label_column), origins, name)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from deepship.config import Config
-from deepship.data.sources import Samples, read_samples
+from deepship.data.sources import Samples, read_split
+from deepship.data.validate import (
+    SampleCheck,
+    balance_warnings,
+    check_samples,
+    find_duplicates,
+    find_label_conflicts,
+    find_leakage,
+    fingerprint,
+    new_report,
+    split_summary,
+)
 from deepship.errors import DataError
 
 
@@ -18,6 +30,15 @@ class Splits:
     val: Samples
     test: Samples | None
     classes: list[str]  # index order of the model's outputs
+
+
+@dataclass(frozen=True)
+class Checked:
+    samples: Samples
+    checks: list[SampleCheck]  # one per sample, all usable
+
+    def subset(self, indices: Sequence[int]) -> "Checked":
+        return Checked(self.samples.subset(indices), [self.checks[i] for i in indices])
 
 
 def build_label_map(labels: Sequence[str], source: str) -> list[str]:
@@ -53,20 +74,97 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
-def load_splits(cfg: Config) -> Splits:
-    """Read train/val/test, split val off train when absent, and check labels across splits."""
+class DataValidationError(DataError):
+    """Too many bad samples: carries the report so the caller can write it before stopping."""
+
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _quarantine(name: str, samples: Samples, cfg: Config, report: dict[str, Any]) -> Checked:
+    checks = check_samples(samples, cfg)
+    report["splits"][name] = split_summary(samples, checks, cfg.task == "text_classification")
+    report["quarantine"] += [{"split": name, "origin": o, "reason": c.reason}
+                             for o, c in zip(samples.origins, checks) if c.reason]
+    keep = [i for i, c in enumerate(checks) if c.reason is None]
+    return Checked(samples.subset(keep), [checks[i] for i in keep])
+
+
+def _hold_out_val(train: Checked, cfg: Config, report: dict[str, Any]) -> tuple[Checked, Checked]:
+    tr, va = stratified_split(train.samples.labels, cfg.data.val_fraction, cfg.train.seed)
+    report["splits"]["val"] = {"sources": f"{cfg.data.val_fraction:g} of train (stratified, seed {cfg.train.seed})",
+                               "read": len(va), "quarantined": {}}
+    return train.subset(tr), train.subset(va)
+
+
+def _remove_leakage(checked: dict[str, Checked], cfg: Config, report: dict[str, Any]) -> None:
+    train = checked["train"]
+    train_keys: dict[str, str] = {}
+    for c, origin in zip(train.checks, train.samples.origins):
+        train_keys.setdefault(c.key, origin)
+    for name in ("val", "test"):
+        if name not in checked:
+            continue
+        leaked, entry = find_leakage(train_keys, [c.key for c in checked[name].checks], checked[name].samples.origins)
+        report["leakage"][name] = {**entry, "removed": cfg.data.remove_leakage and bool(leaked)}
+        if leaked:
+            report["warnings"].append(f"{name}: {len(leaked)} samples also occur in train"
+                                      + (" (removed)" if cfg.data.remove_leakage else " (kept: data.remove_leakage=false)"))
+        if leaked and cfg.data.remove_leakage:
+            drop = set(leaked)
+            checked[name] = checked[name].subset([i for i in range(len(checked[name].checks)) if i not in drop])
+
+
+def _summarize(checked: dict[str, Checked], classes: list[str], cfg: Config, report: dict[str, Any]) -> None:
+    for name, split in checked.items():
+        counts = Counter(split.samples.labels)
+        entry = report["splits"][name]
+        entry["used"] = len(split.checks)
+        entry["class_counts"] = {c: counts.get(c, 0) for c in classes}
+        entry["duplicates"] = find_duplicates([c.key for c in split.checks], split.samples.origins)
+        if entry["duplicates"]["count"]:
+            report["warnings"].append(f"{name}: {entry['duplicates']['count']} exact duplicate samples")
+        if name == "train":  # val/test counts are in the table; only training data can be too thin to learn
+            report["warnings"] += balance_warnings(name, counts, classes, cfg)
+    report["label_conflicts"] = find_label_conflicts(
+        [([c.key for c in s.checks], s.samples.labels, s.samples.origins, s.samples.inputs) for s in checked.values()])
+    if report["label_conflicts"]["count"]:
+        report["warnings"].append(f"{report['label_conflicts']['count']} inputs carry conflicting labels")
+    report["classes"] = classes
+    report["examples"] = {c: [x for x, y in zip(checked["train"].samples.inputs, checked["train"].samples.labels)
+                              if y == c][:3] for c in classes}
+    report["fingerprint"] = fingerprint({n: ([c.exact for c in s.checks], s.samples.labels) for n, s in checked.items()})
+
+
+def load_validated(cfg: Config) -> tuple[Splits, dict[str, Any]]:
+    """Read every split, quarantine bad samples, split val off train when absent, remove leakage,
+    and check labels across splits. Returns the usable splits and the data report."""
     data = cfg.data
-    train = read_samples(data.train, cfg.task, data)
-    if data.val is not None:
-        val = read_samples(data.val, cfg.task, data)
-    else:
-        train_idx, val_idx = stratified_split(train.labels, data.val_fraction, cfg.train.seed)
-        train, val = train.subset(train_idx), train.subset(val_idx)
-    classes = build_label_map(train.labels, train.source)
-    test = read_samples(data.test, cfg.task, data) if data.test is not None else None
-    for name, split in (("val", val), ("test", test)):
-        if split is not None:
-            if len(split) == 0:
-                raise DataError(f"{split.source} ({name}): no samples; lower data.val_fraction or add data")
-            encode_labels(split, classes, name)  # raises on labels unseen in training
-    return Splits(train, val, test, classes)
+    report = new_report(cfg)
+    raw = {"train": data.train, "val": data.val, "test": data.test}
+    checked = {name: _quarantine(name, read_split(sources, cfg.task, data), cfg, report)
+               for name, sources in raw.items() if sources is not None}
+    read = sum(s["read"] for s in report["splits"].values())
+    report["totals"] = {"read": read, "quarantined": len(report["quarantine"]),
+                        "bad_fraction": len(report["quarantine"]) / max(read, 1), "max_bad_fraction": data.max_bad_fraction}
+    if report["totals"]["bad_fraction"] > data.max_bad_fraction:
+        t = report["totals"]
+        raise DataValidationError(f"{t['quarantined']} of {t['read']} samples ({t['bad_fraction']:.1%}) failed "
+                                  f"validation, above data.max_bad_fraction={data.max_bad_fraction:g}", report)
+    if "val" not in checked:
+        checked["train"], checked["val"] = _hold_out_val(checked["train"], cfg, report)
+    _remove_leakage(checked, cfg, report)
+    classes = build_label_map(checked["train"].samples.labels, checked["train"].samples.source)
+    for name in ("val", "test"):
+        if name in checked:
+            if not checked[name].checks:
+                raise DataError(f"{checked[name].samples.source} ({name}): no usable samples; see the data report")
+            encode_labels(checked[name].samples, classes, name)  # raises on labels unseen in training
+    _summarize(checked, classes, cfg, report)
+    test = checked["test"].samples if "test" in checked else None
+    return Splits(checked["train"].samples, checked["val"].samples, test, classes), report
+
+
+def load_splits(cfg: Config) -> Splits:
+    return load_validated(cfg)[0]

@@ -12,11 +12,17 @@ from torch.utils.data import Dataset
 from deepship.runtime.preprocess import TextPreprocessor
 
 
+def count_truncated(encodings: Sequence[Encoding]) -> int:
+    """Texts that lost tokens to max_length (the tokenizer keeps the cut-off part as `overflowing`)."""
+    return sum(1 for e in encodings if e.overflowing)
+
+
 class TextDataset(Dataset):
     def __init__(self, texts: Sequence[str], targets: np.ndarray, preprocessor: TextPreprocessor) -> None:
         # Tokenizing the whole split once (Rust, batched) keeps tokenization off the training loop.
         self.encodings = preprocessor.tokenize(texts)
         self.targets = targets
+        self.truncated = count_truncated(self.encodings)
 
     def __len__(self) -> int:
         return len(self.encodings)
