@@ -119,7 +119,7 @@ def test_existing_run_dir_is_not_overwritten(tiny_image_run: Path, tmp_path: Pat
     before = (tiny_image_run / "metrics.json").read_bytes()
     path = write_config(tmp_path / "again.yaml", cfg.model_dump(mode="json"))
     assert cli.main(["train", "--config", str(path)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
     assert (tiny_image_run / "metrics.json").read_bytes() == before
 
 

@@ -19,9 +19,11 @@ from deepship.config import Config
 from deepship.data.datamodule import ClassificationData
 from deepship.data.report import write_data_report
 from deepship.data.split import DataValidationError, Splits, load_validated
+from deepship.data.text import TextDataset, count_truncated
 from deepship.errors import ConfigError, DataError
-from deepship.models.backbones import build_backbone
+from deepship.models.backbones import build_backbone, load_text_tokenizer
 from deepship.run import build_module, write_json, write_run_files
+from deepship.runtime.preprocess import TextPreprocessor
 
 MONITOR = "val/macro_f1"
 FINISHED_RUN_FILES = ("best.ckpt", "last.ckpt", "metrics.json")
@@ -101,24 +103,33 @@ def reset_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True)
 
 
-def validate_data(cfg: Config, run_dir: Path) -> tuple[Splits, dict[str, Any]]:
+def validate_data(cfg: Config, out_dir: Path) -> tuple[Splits, dict[str, Any]]:
     """Validated splits and the data report; too many bad samples stop here, report written."""
     try:
         return load_validated(cfg)
     except DataValidationError as exc:
-        reset_run_dir(run_dir)
-        path = write_data_report(exc.report, run_dir)
+        path = write_data_report(exc.report, out_dir)
         raise DataError(f"{exc}; see {path} for the list, then fix or remove them or raise the limit") from None
 
 
-def record_truncation(report: dict[str, Any], data: ClassificationData, max_length: int) -> None:
-    for name, dataset in data.datasets.items():
-        truncated = getattr(dataset, "truncated", None)
-        if truncated is not None:
-            report["splits"][name]["truncated"] = truncated
-            if truncated:
-                report["warnings"].append(f"{name}: {truncated} texts are longer than {max_length} tokens "
-                                          "and get truncated (data.max_length)")
+def record_truncation(report: dict[str, Any], split: str, truncated: int, max_length: int) -> None:
+    report["splits"][split]["truncated"] = truncated
+    if truncated:
+        report["warnings"].append(f"{split}: {truncated} texts are longer than {max_length} tokens "
+                                  "and get truncated (data.max_length)")
+
+
+def data_report(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """`deepship data-report`: validate and write the report without training (tokenizer only, no weights)."""
+    splits, report = validate_data(cfg, out_dir)
+    if cfg.task == "text_classification":
+        tokenizer, _, spec = load_text_tokenizer(cfg.model, cfg.data, len(splits.classes))
+        preprocessor = TextPreprocessor(tokenizer.backend_tokenizer, spec)
+        for name, samples in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+            if samples is not None:
+                record_truncation(report, name, count_truncated(preprocessor.tokenize(samples.inputs)), spec.max_length)
+    write_data_report(report, out_dir)
+    return report
 
 
 def strip_stage(metrics: dict[str, float], stage: str) -> dict[str, float]:
@@ -161,7 +172,9 @@ def fit(cfg: Config) -> Path:
 
     data = ClassificationData(cfg, splits, backbone)
     data.setup("fit")
-    record_truncation(report, data, backbone.preprocessing.max_length if backbone.modality == "text" else 0)
+    for name, dataset in data.datasets.items():
+        if isinstance(dataset, TextDataset):  # counted while tokenizing, once
+            record_truncation(report, name, dataset.truncated, backbone.preprocessing.max_length)
     write_data_report(report, run_dir)
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -142,25 +142,26 @@ def _hf_load(loader: Callable[..., Any], source: str, **kwargs: Any) -> Any:
         return loader(source, **kwargs)
 
 
-def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int) -> Backbone:
+def _hf_error(cfg: ModelConfig, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"model.backbone: cannot load Hugging Face model '{cfg.backbone}' ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); give a local model directory, '{MINILM_ALIAS}', "
+        f"or one of {sorted(IMAGE_BACKBONES)} for images"
+    )
+
+
+def load_text_tokenizer(cfg: ModelConfig, data: DataConfig, num_classes: int = 2) -> tuple[Any, Any, TextSpec]:
+    """The fast tokenizer, the model's HF config and the TextSpec, without loading any weights."""
     import transformers
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
     source = resolve_text_source(cfg.backbone)
     try:
         tokenizer = _hf_load(AutoTokenizer.from_pretrained, source)
         hf_config = _hf_load(AutoConfig.from_pretrained, source, num_labels=num_classes)
-        if cfg.pretrained is False:
-            model = AutoModelForSequenceClassification.from_config(hf_config)
-        else:
-            model = _hf_load(AutoModelForSequenceClassification.from_pretrained, source, config=hf_config)
     except Exception as exc:
-        raise ConfigError(
-            f"model.backbone: cannot load Hugging Face model '{cfg.backbone}' ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}); give a local model directory, '{MINILM_ALIAS}', "
-            f"or one of {sorted(IMAGE_BACKBONES)} for images"
-        ) from None
+        raise _hf_error(cfg, exc) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"model.backbone: '{cfg.backbone}' has no fast (Rust) tokenizer; deepship needs tokenizer.json")
     spec = TextSpec(
@@ -171,6 +172,21 @@ def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int) -> Ba
                           if n in tokenizer.model_input_names or n == "input_ids"),
         lowercase=bool(getattr(tokenizer, "do_lower_case", False)),
     )
+    return tokenizer, hf_config, spec
+
+
+def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int) -> Backbone:
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer, hf_config, spec = load_text_tokenizer(cfg, data, num_classes)
+    try:
+        if cfg.pretrained is False:
+            model = AutoModelForSequenceClassification.from_config(hf_config)
+        else:
+            source = resolve_text_source(cfg.backbone)
+            model = _hf_load(AutoModelForSequenceClassification.from_pretrained, source, config=hf_config)
+    except Exception as exc:
+        raise _hf_error(cfg, exc) from None
     model.train()  # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout would be off
     return Backbone(TextNet(model), "text", spec, tokenizer=tokenizer)
 
