@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,43 @@ def tiny_image_run(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) ->
     """A finished image run (MobileNetV2 on 32x32 colour classes); treat as read-only."""
     out = tmp_path_factory.mktemp("image-run")
     return train_run(image_config(image_dir, out / "runs"), out / "config.yaml")
+
+
+# ------------------------------------------------------------------ exported packages (read-only)
+FORBIDDEN_IN_RUNTIME = ("torch", "torchvision", "lightning", "transformers", "datasets", "deepship.data")
+
+
+def export(run_dir: Path, out: Path, **options) -> Path:
+    from deepship.export import ExportOptions, export_package
+
+    return export_package(run_dir, out, ExportOptions(**options))
+
+
+@pytest.fixture(scope="session")
+def text_package(tiny_text_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 package of the tiny text run; treat as read-only (copy it with `copy_package` to tamper)."""
+    return export(tiny_text_run, tmp_path_factory.mktemp("pkg") / "text")
+
+
+@pytest.fixture(scope="session")
+def image_package(tiny_image_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(tiny_image_run, tmp_path_factory.mktemp("pkg") / "image")
+
+
+def copy_package(package: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(package, dst))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def run_val_samples(run_dir: Path):
+    """The run's own validation split (inputs, labels), re-read the way export reads it."""
+    from deepship.data.split import load_splits
+    from deepship.run import read_run_config
+
+    return load_splits(read_run_config(run_dir)).val
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,3 +19,15 @@ class DataError(DeepshipError):
     """Bad input data: missing file, unknown label, unreadable row (exit 2)."""
 
     exit_code = 2
+
+
+class PackageError(DeepshipError):
+    """A model package that cannot be trusted or read: missing file, hash mismatch, unknown format (exit 2)."""
+
+    exit_code = 2
+
+
+class ExportError(DeepshipError):
+    """Export failed its parity gate or accuracy budget; no package was written (exit 1)."""
+
+    exit_code = 1

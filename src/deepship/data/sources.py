@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 
 from deepship.config import DEMO_PREFIX, HF_PREFIX, DataConfig, SourceConfig, Task
 from deepship.errors import DataError
+from deepship.runtime.preprocess import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TABLE_READERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 

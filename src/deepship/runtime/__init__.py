@@ -3,6 +3,7 @@
 Nothing under deepship.runtime may import torch, torchvision, lightning or transformers.
 """
 
+from deepship.runtime.predictor import Prediction, Predictor
 from deepship.runtime.preprocess import (
     IMAGE_INPUT,
     ImageSpec,
@@ -14,6 +15,8 @@ from deepship.runtime.preprocess import (
 )
 
 __all__ = [
+    "Prediction",
+    "Predictor",
     "IMAGE_INPUT",
     "ImageSpec",
     "TextPreprocessor",

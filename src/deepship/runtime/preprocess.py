@@ -20,6 +20,7 @@ from tokenizers import Encoding, Tokenizer
 from deepship.errors import DataError
 
 IMAGE_INPUT = "pixel_values"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,0 +1,6 @@
+"""Export: a finished run -> a gated, self-describing ONNX model package (DESIGN.md section 3)."""
+
+from deepship.export.package import ExportOptions, export_package
+from deepship.export.quantize import AccuracyBudget
+
+__all__ = ["AccuracyBudget", "ExportOptions", "export_package"]
