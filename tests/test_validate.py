@@ -196,3 +196,27 @@ def test_validation_error_carries_the_report(defective_images) -> None:
         load_validated(config("image_classification", train, max_bad_fraction=0.0))
     assert info.value.report["totals"]["quarantined"] == 4
     assert "<h2>Quarantine (4)</h2>" in render_html(info.value.report)
+
+
+def test_data_report_command_writes_report_without_training(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    rows = [(f"short text number {i}", "a" if i % 2 else "b") for i in range(40)]
+    rows += [("a much longer text that keeps going well past eight tokens " + str(i), "a" if i % 2 else "b")
+             for i in range(10)]
+    train = write_rows(tmp_path / "train.csv", rows)
+    raw = {"task": "text_classification", "data": {"train": str(train), "max_length": 8},
+           "model": {"backbone": str(tiny_bert_dir)}, "train": {"out_dir": str(tmp_path / "runs")}}
+    out = tmp_path / "report"
+    assert cli.main(["data-report", "--config", str(write_config(tmp_path / "c.yaml", raw)), "--out", str(out)]) == 0
+    report = json.loads((out / JSON_NAME).read_text())
+    # "short text number N" is 6 tokens with [CLS]/[SEP]; only the 10 long texts pass 8 tokens.
+    assert report["splits"]["train"]["truncated"] + report["splits"]["val"]["truncated"] == 10
+    assert any("get truncated (data.max_length)" in w for w in report["warnings"])
+    assert (out / HTML_NAME).is_file() and not (tmp_path / "runs").exists()
+    assert "0 quarantined" in capsys.readouterr().out
+
+
+def test_bench_data_tiny_mode(capsys) -> None:
+    assert cli.main(["bench", "data", "--rows", "1500"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first["kind"] == "data_validation" and first["rows"] == 1500
+    assert first["quarantined"] == 2  # the generator plants one empty text per 1,000 rows (rows 1 and 1001)

@@ -1,16 +1,19 @@
 """`deepship <command>`: argument parsing and the mapping of errors to exit codes.
 
-Exit codes (DESIGN.md section 3): 0 ok; 2 bad usage, config or input; 1 anything else.
+Exit codes (DESIGN.md section 3): 0 ok; 2 bad usage, config or input; 1 anything else (a failed
+export gate included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
-from deepship.errors import DeepshipError
+from deepship.errors import ConfigError, DeepshipError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -29,6 +32,69 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from deepship.export import AccuracyBudget, ExportOptions, export_package  # torch: only for export
+
+    options = ExportOptions(quantize=args.quantize, opset=args.opset, tolerance=args.tolerance, overwrite=args.overwrite,
+                            budget=AccuracyBudget(args.max_accuracy_drop, args.min_agreement))
+    out = export_package(args.run, args.out, options)
+    parity = json.loads((out / "parity.json").read_text())
+    print(f"package: {out}")
+    print(f"parity ({parity['precision']}): max_abs_diff={parity['max_abs_diff']:.3g} "
+          f"top1_agreement={parity['top1_agreement']:.2%} batch_sizes={parity['batch_sizes']}")
+    if "quantization" in parity:
+        q = parity["quantization"]
+        print(f"int8: val_accuracy {q['val_accuracy']['torch_fp32']:.4f} -> {q['val_accuracy']['onnx_int8']:.4f}, "
+              f"size {q['size_bytes']['fp32']} -> {q['size_bytes']['int8']} bytes, latency p50 batch 1 "
+              f"{q['latency_ms_p50_batch1']['fp32']:.2f} -> {q['latency_ms_p50_batch1']['int8']:.2f} ms")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from deepship.runtime.predictor import predict_file  # torch-free: runs on serving hosts
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.output is None:
+        count = predict_file(args.package, args.input, sys.stdout, args.batch_size, args.column)
+    else:
+        output = Path(args.output)
+        tmp = output.with_name(f".{output.name}.partial")  # a failed run leaves no half-written file
+        try:
+            with open(tmp, "w", encoding="utf-8") as out:
+                count = predict_file(args.package, args.input, out, args.batch_size, args.column)
+            os.replace(tmp, output)
+        finally:
+            tmp.unlink(missing_ok=True)
+    print(f"{count} predictions written to {args.output or 'stdout'}", file=sys.stderr)
+    return 0
+
+
+def cmd_data_report(args: argparse.Namespace) -> int:
+    from deepship.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from deepship.data.report import HTML_NAME, JSON_NAME
+    from deepship.training import data_report
+
+    out = Path(args.out) if args.out else cfg.run_dir
+    report = data_report(cfg, out)
+    totals = report["totals"]
+    print(f"data report: {out / JSON_NAME} and {out / HTML_NAME}")
+    print(f"{totals['read']} samples read, {totals['quarantined']} quarantined ({totals['bad_fraction']:.2%}); "
+          f"fingerprint {report['fingerprint']}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from deepship.bench import BENCHES, print_results
+
+    print_results(BENCHES[args.what](**({"rows": args.rows} if args.rows else {})))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepship", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
@@ -38,6 +104,39 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     train.set_defaults(func=cmd_train)
+
+    report = commands.add_parser("data-report", help="validate a config's data and write the data report")
+    report.add_argument("--config", required=True, help="YAML config whose data to check")
+    report.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    report.add_argument("--out", default=None, help="folder for data_report.json/.html (default: the run directory)")
+    report.set_defaults(func=cmd_data_report)
+
+    bench = commands.add_parser("bench", help="benchmarks: one JSON line per measurement, then a table")
+    bench.add_argument("what", choices=["data"], help="data: validation of N text rows vs reading them")
+    bench.add_argument("--rows", type=int, default=None, help="data: rows to generate (default 100000)")
+    bench.set_defaults(func=cmd_bench)
+
+    export = commands.add_parser("export", help="export a run to an ONNX model package, gated by a parity check")
+    export.add_argument("--run", required=True, help="a finished run directory, e.g. checkpoints/my-run")
+    export.add_argument("--out", required=True, help="package folder to write (must not exist, unless --overwrite)")
+    export.add_argument("--quantize", choices=["int8"], default=None, help="int8: onnxruntime quantization")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="fp32 max |logit diff| (default 1e-4)")
+    export.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                        help="int8: allowed val accuracy drop in points (default 1.0)")
+    export.add_argument("--min-agreement", type=float, default=0.98,
+                        help="int8: minimum top-1 agreement with PyTorch (default 0.98)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing package once the gate passes")
+    export.set_defaults(func=cmd_export)
+
+    predict = commands.add_parser("predict", help="predict with a model package (no torch needed), JSONL out")
+    predict.add_argument("--package", required=True, help="model package folder written by export")
+    predict.add_argument("--input", required=True,
+                         help="images: a file, folder or CSV (path column); texts: CSV/JSONL (text column) or .txt lines")
+    predict.add_argument("--output", default=None, help="JSONL file to write (default: stdout)")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--column", default=None, help="input column in a CSV/JSONL (default: text, or path for images)")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Benchmarks: python scripts/bench.py data [--rows N]"""
+
+import sys
+
+from deepship import cli
+
+
+def main() -> None:
+    sys.exit(cli.main(["bench", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()
