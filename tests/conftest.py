@@ -98,7 +98,8 @@ def text_config(train: Path, backbone: Path, out_dir: Path, **train_keys: Any) -
         "task": "text_classification",
         "data": {"train": str(train), "val_fraction": 0.2, "max_length": 32},
         "model": {"backbone": str(backbone)},
-        "train": {"max_epochs": 6, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "seed": 0,
+        "finetune": {"warmup_ratio": 0.0},
+        "train": {"max_epochs": 6, "batch_size": 8, "lr": 3e-3, "seed": 0,
                   "out_dir": str(out_dir), "run_name": "tiny-text", **train_keys},
     }
 
@@ -108,7 +109,8 @@ def image_config(train: Path, out_dir: Path, **train_keys: Any) -> dict[str, Any
         "task": "image_classification",
         "data": {"train": str(train), "val_fraction": 0.25},
         "model": {"backbone": "mobilenet_v2", "pretrained": False, "image_size": 32},
-        "train": {"max_epochs": 6, "batch_size": 8, "lr": 3e-3, "warmup_ratio": 0.0, "seed": 0,
+        "finetune": {"warmup_ratio": 0.0},
+        "train": {"max_epochs": 6, "batch_size": 8, "lr": 3e-3, "seed": 0,
                   "out_dir": str(out_dir), "run_name": "tiny-image", **train_keys},
     }
 

@@ -105,6 +105,7 @@ class DataConfig(_Section):
     label_column: str = "label"
     path_column: str = Field("path", description="image CSV column holding file paths")
     max_length: int = Field(128, ge=8, le=8192, description="text: tokens kept per input")
+    truncation_side: Literal["right", "left"] = Field("right", description="text: which end loses tokens")
     pad_to_multiple_of: int = Field(16, ge=1, le=512, description="text: batch length rounding")
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers; null = auto")
     label_map: dict[str, str] = Field(default_factory=dict, description="rename/merge labels: {spelling: label}")
@@ -131,13 +132,46 @@ class ModelConfig(_Section):
         return value
 
 
+class FinetuneConfig(_Section):
+    """How the pretrained backbone is adapted: what trains when, at which learning rate, on what data."""
+
+    strategy: Literal["full", "freeze", "freeze_then_unfreeze", "gradual"] = "full"
+    unfreeze_epoch: int = Field(1, ge=0, description="freeze_then_unfreeze/gradual: first epoch (0-based) "
+                                                     "that trains backbone layers")
+    unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing the next layer group")
+    head_lr: float | None = Field(None, gt=0.0, le=1.0, description="head learning rate; null = train.lr")
+    backbone_lr: float | None = Field(None, gt=0.0, le=1.0, description="backbone learning rate; null = train.lr")
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="each layer down gets lr x this")
+    schedule: Literal["cosine", "linear", "constant", "onecycle"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of steps warming up (not onecycle)")
+    class_weights: Literal["auto", "none"] | dict[str, float] = Field(
+        "none", description="auto = inverse class frequency, normalized; or {class: weight}")
+    sampler: Literal["none", "balanced"] = Field("none", description="balanced: sample classes equally often")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    augment: Literal["none", "light", "standard", "strong"] = Field("standard", description="image augmentation")
+    mixup: float = Field(0.0, ge=0.0, le=1.0, description="image: probability a batch is mixed with MixUp")
+    cutmix: float = Field(0.0, ge=0.0, le=1.0, description="image: probability a batch is mixed with CutMix")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="EMA of weights, evaluated and checkpointed")
+
+    @field_validator("cutmix")
+    @classmethod
+    def _mix_probabilities(cls, value: float, info: ValidationInfo) -> float:
+        if value + info.data.get("mixup", 0.0) > 1.0:
+            raise ValueError("mixup + cutmix must not exceed 1 (they are alternative batch treatments)")
+        return value
+
+
 class TrainConfig(_Section):
     max_epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1.0e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(1.0, gt=0.0)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    compile: bool = Field(False, description="torch.compile the network (checkpoint keys unchanged)")
+    limit_train_batches: int | float | None = Field(None, gt=0, description="smoke runs: batches (int) or share")
+    loggers: list[Literal["csv", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["csv"])
+    resume: bool | Literal["auto"] | str = Field(False, description="auto/true: continue from last.ckpt; or a path")
     early_stopping_patience: int | None = Field(None, ge=1, description="epochs; null = off")
     seed: int = 0
     deterministic: bool = False
@@ -159,6 +193,7 @@ class Config(_Section):
     task: Task
     data: DataConfig
     model: ModelConfig = ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,9 @@ from typing import Any
 import torch
 
 from deepship.config import Config, parse_yaml
-from deepship.errors import DataError
+from deepship.errors import ConfigError, DataError
 from deepship.models.backbones import Backbone, build_backbone
-from deepship.models.classifier import ClassifierModule
+from deepship.models.classifier import ClassifierModule, optim_settings
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -23,13 +24,37 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def build_module(cfg: Config, backbone: Backbone, classes: list[str],
+def class_weights(cfg: Config, classes: list[str], train_labels: list[str]) -> tuple[float, ...] | None:
+    """auto: inverse frequency, scaled so that a balanced dataset gets 1.0 everywhere."""
+    setting = cfg.finetune.class_weights
+    if setting == "none":
+        return None
+    if setting == "auto":
+        counts = Counter(train_labels)
+        return tuple(len(train_labels) / (len(classes) * max(1, counts[c])) for c in classes)
+    unknown = sorted(set(setting) - set(classes))
+    if unknown:
+        raise ConfigError(f"finetune.class_weights: unknown classes {unknown}; the classes are {classes}")
+    return tuple(float(setting.get(c, 1.0)) for c in classes)
+
+
+def loss_settings(cfg: Config, classes: list[str], train_labels: list[str]) -> dict[str, Any]:
+    f = cfg.finetune
+    image = cfg.task == "image_classification"
+    return {"class_weights": class_weights(cfg, classes, train_labels), "label_smoothing": f.label_smoothing,
+            "mixup": f.mixup if image else 0.0, "cutmix": f.cutmix if image else 0.0}
+
+
+def build_module(cfg: Config, backbone: Backbone, classes: list[str], loss: dict[str, Any],
                  data_fingerprint: str | None = None) -> ClassifierModule:
     run_info = {"config": cfg.model_dump(mode="json"), "labels": classes,
                 "preprocessing": backbone.preprocessing.to_dict(), "data_fingerprint": data_fingerprint}
-    return ClassifierModule(backbone.net, len(classes), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            warmup_ratio=cfg.train.warmup_ratio, channels_last=backbone.channels_last,
-                            run_info=run_info)
+    f = cfg.finetune
+    optim = optim_settings(lr=f.head_lr or cfg.train.lr, backbone_lr=f.backbone_lr or cfg.train.lr,
+                           layer_decay=f.layer_decay, weight_decay=cfg.train.weight_decay, schedule=f.schedule,
+                           warmup_ratio=f.warmup_ratio)
+    return ClassifierModule(backbone.net, len(classes), layers=backbone.layers, optim=optim, loss=loss,
+                            channels_last=backbone.channels_last, compile=cfg.train.compile, run_info=run_info)
 
 
 def write_run_files(cfg: Config, run_dir: Path, classes: list[str], backbone: Backbone) -> None:
@@ -69,8 +94,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.ckpt") -> LoadedRun:
     # The checkpoint supplies every weight, so the architecture is built empty.
     model_cfg = cfg.model.model_copy(update={"pretrained": False})
     backbone = build_backbone(cfg.task, model_cfg, cfg.data, len(classes))
-    module = build_module(cfg, backbone, classes)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module = build_module(cfg, backbone, classes, checkpoint["hyper_parameters"]["loss"])
+    module.load_state_dict(checkpoint["state_dict"])
     module.eval()
     return LoadedRun(run_dir, cfg, classes, backbone, module)

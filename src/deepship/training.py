@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from deepship.config import Config
@@ -22,7 +22,8 @@ from deepship.data.split import DataValidationError, Splits, load_validated
 from deepship.data.text import TextDataset, count_truncated
 from deepship.errors import ConfigError, DataError
 from deepship.models.backbones import build_backbone, load_text_tokenizer
-from deepship.run import build_module, write_json, write_run_files
+from deepship.models.finetuning import FinetuningStrategy
+from deepship.run import build_module, loss_settings, write_json, write_run_files
 from deepship.runtime.preprocess import TextPreprocessor
 
 MONITOR = "val/macro_f1"
@@ -88,9 +89,35 @@ def describe_device(trainer: L.Trainer) -> str:
     return root.type
 
 
-def prepare_run_dir(cfg: Config) -> Path:
+def resume_checkpoint(cfg: Config) -> Path | None:
+    """train.resume: false; auto/true = the run's last.ckpt (auto starts fresh without one); or a path."""
+    resume = cfg.train.resume
+    if resume is False:
+        return None
+    path = cfg.run_dir / "last.ckpt" if resume in (True, "auto") else Path(resume)
+    if path.is_file():
+        return path
+    if resume == "auto":
+        return None
+    raise ConfigError(f"train.resume: {path} not found; train first, or set train.resume to auto or false")
+
+
+def trim_history(path: Path, epochs_done: int) -> None:
+    """On resume, drop history rows of epochs the checkpoint does not include (they will be redone)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= epochs_done]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def prepare_run_dir(cfg: Config, resuming: bool = False) -> Path:
     """Refuse to clobber a finished run; leftovers of an aborted one (a data report) may go."""
     run_dir = cfg.run_dir
+    if resuming:
+        return run_dir
     if any((run_dir / name).exists() for name in FINISHED_RUN_FILES) and not cfg.train.overwrite:
         raise ConfigError(f"train.run_name: {run_dir} already holds a run; choose another run name "
                           "or pass --set train.overwrite=true to replace it")
@@ -136,15 +163,53 @@ def strip_stage(metrics: dict[str, float], stage: str) -> dict[str, float]:
     return {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith(f"{stage}/")}
 
 
-def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_per_epoch: int) -> L.Trainer:
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
+
+
+def check_loggers(cfg: Config) -> None:
+    """Optional logger backends must be installed; say so before any data is read."""
+    from importlib.util import find_spec
+
+    for name in cfg.train.loggers:
+        packages = LOGGER_PACKAGES.get(name, ())
+        if packages and not any(find_spec(p) for p in packages):
+            raise ConfigError(f"train.loggers: '{name}' needs the {packages[0]} package; pip install {packages[0]}, "
+                              "or remove it from train.loggers")
+
+
+def build_loggers(cfg: Config, run_dir: Path) -> list[Any]:
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    loggers: list[Any] = []
+    for name in cfg.train.loggers:
+        if name == "csv":
+            loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="logs", version="tensorboard"))
+        else:
+            loggers.append(MLFlowLogger(experiment_name="deepship", run_name=cfg.train.run_name,
+                                        tracking_uri=(run_dir / "mlruns").resolve().as_uri()))
+    return loggers
+
+
+def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     # best.ckpt holds weights only (what export needs); last.ckpt holds the full state for resuming.
     best = ModelCheckpoint(dirpath=run_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
                            save_weights_only=True, auto_insert_metric_name=False)
     last = ModelCheckpoint(dirpath=run_dir, filename="last", save_top_k=1, save_last=False,
                            enable_version_counter=False)
-    callbacks = [best, last, *callbacks]
+    f = cfg.finetune
+    callbacks: list[Callback] = [best, last, FinetuningStrategy(f.strategy, f.unfreeze_epoch, f.unfreeze_every)]
+    if f.ema_decay is not None:
+        # Validation and checkpoints (best.ckpt, hence export) use the EMA weights; last.ckpt keeps both.
+        callbacks.append(EMAWeightAveraging(decay=f.ema_decay))
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience))
+    return callbacks
+
+
+def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_per_epoch: int) -> L.Trainer:
+    callbacks = [*build_callbacks(cfg, run_dir), *callbacks]
     return L.Trainer(
         accelerator=cfg.train.accelerator,
         devices=1,
@@ -153,9 +218,11 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_p
         gradient_clip_val=cfg.train.grad_clip,
         deterministic=cfg.train.deterministic,
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+        logger=build_loggers(cfg, run_dir) or False,
         default_root_dir=str(run_dir),
         log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        limit_train_batches=cfg.train.limit_train_batches,
         enable_progress_bar=True,
     )
 
@@ -163,11 +230,16 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_p
 # ---------------------------------------------------------------------------------------- fit
 def fit(cfg: Config) -> Path:
     """Train per `cfg`, write the run directory, return its path."""
-    run_dir = prepare_run_dir(cfg)
+    check_loggers(cfg)
+    resume = resume_checkpoint(cfg)
+    run_dir = prepare_run_dir(cfg, resuming=resume is not None)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     splits, report = validate_data(cfg, run_dir)  # all data errors surface before a model is built
     backbone = build_backbone(cfg.task, cfg.model, cfg.data, len(splits.classes))
-    reset_run_dir(run_dir)  # a replaced run goes only once everything before this succeeded
+    if resume is None:
+        reset_run_dir(run_dir)  # a replaced run goes only once everything before this succeeded
+    else:
+        trim_history(run_dir / "history.csv", torch.load(resume, map_location="cpu", weights_only=True)["epoch"] + 1)
     write_run_files(cfg, run_dir, splits.classes, backbone)
 
     data = ClassificationData(cfg, splits, backbone)
@@ -178,11 +250,12 @@ def fit(cfg: Config) -> Path:
     write_data_report(report, run_dir)
     for warning in report["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    module = build_module(cfg, backbone, splits.classes, report["fingerprint"])
+    module = build_module(cfg, backbone, splits.classes, loss_settings(cfg, splits.classes, splits.train.labels),
+                          report["fingerprint"])
     throughput = ThroughputCallback()
     steps = -(-len(splits.train) // cfg.train.batch_size)
     trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput], steps)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
 
     # Re-evaluate the best checkpoint, so metrics.json is what best.ckpt reproduces.
     best_path = trainer.checkpoint_callback.best_model_path  # the first callback: best by val/macro_f1

@@ -6,8 +6,9 @@ import os
 from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from deepship.config import Config
 from deepship.data.image import ImageDataset, collate_images, eval_transform, train_transform
@@ -43,7 +44,7 @@ class ClassificationData(L.LightningDataModule):
         else:
             spec: ImageSpec = backbone.preprocessing
             self._make = lambda s, train: ImageDataset(
-                s.inputs, self._targets(s), train_transform(spec) if train else eval_transform(spec))
+                s.inputs, self._targets(s), train_transform(spec, cfg.finetune.augment) if train else eval_transform(spec))
             self.collate = collate_images
         self.datasets: dict[str, Dataset] = {}
 
@@ -58,11 +59,21 @@ class ClassificationData(L.LightningDataModule):
         if self.splits.test is not None:
             self.datasets["test"] = self._make(self.splits.test, False)
 
+    def balanced_sampler(self) -> WeightedRandomSampler:
+        """Each class drawn equally often: sample weight 1 / (its class count); seeded."""
+        targets = self._targets(self.splits.train)
+        counts = np.bincount(targets, minlength=len(self.splits.classes))
+        weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        return WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=generator)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        sampler = self.balanced_sampler() if shuffle and self.cfg.finetune.sampler == "balanced" else None
         return DataLoader(
             self.datasets[split],
             batch_size=self.cfg.train.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate,
             pin_memory=torch.cuda.is_available(),

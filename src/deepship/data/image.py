@@ -3,7 +3,7 @@ torchvision v2 augmentation on the same decoded image."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,19 +13,24 @@ from torchvision.transforms import v2
 
 from deepship.runtime.preprocess import IMAGE_INPUT, ImageSpec, load_image, preprocess_image
 
-# RandomResizedCrop's ImageNet default keeps as little as 8% of the image, which can crop the
-# object out of small or centred datasets; a quarter is a safer default for fine-tuning.
-CROP_SCALE = (0.25, 1.0)
+# Smallest share of the image RandomResizedCrop keeps, per preset. ImageNet recipes use 8% ("strong"),
+# which can crop the object out of small or centred datasets; a quarter is the fine-tuning default.
+CROP_SCALE = {"light": 0.5, "standard": 0.25, "strong": 0.08}
 
 
-def train_transform(spec: ImageSpec) -> Callable[[Image.Image], torch.Tensor]:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(spec.image_size, scale=CROP_SCALE, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(spec.mean), list(spec.std)),
-    ])
+def train_transform(spec: ImageSpec, preset: str = "standard") -> Callable[[Image.Image], torch.Tensor]:
+    """none: the evaluation transform; light/standard: crop + flip; strong: + TrivialAugment, random erasing."""
+    if preset == "none":
+        return eval_transform(spec)
+    ops: list[Any] = [v2.ToImage(),
+                      v2.RandomResizedCrop(spec.image_size, scale=(CROP_SCALE[preset], 1.0), antialias=True),
+                      v2.RandomHorizontalFlip()]
+    if preset == "strong":
+        ops.append(v2.TrivialAugmentWide())
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+    if preset == "strong":
+        ops.append(v2.RandomErasing(p=0.25))
+    return v2.Compose(ops)
 
 
 def eval_transform(spec: ImageSpec) -> Callable[[Image.Image], torch.Tensor]:

@@ -8,7 +8,7 @@ pretrained configs.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +29,8 @@ class Backbone:
     preprocessing: ImageSpec | TextSpec
     channels_last: bool = False  # CNNs run faster in NHWC on GPUs
     tokenizer: Any = None  # text: the transformers fast tokenizer, saved with the run
+    # Backbone layers bottom -> top (freezing, layer-wise LR); everything else in `net` is the head.
+    layers: list[nn.Module] = field(default_factory=list)
 
 
 # -------------------------------------------------------------------------------------- image
@@ -98,7 +100,8 @@ def build_mobilenet_v2(cfg: ModelConfig, num_classes: int) -> Backbone:
     # New head for our classes: (N, 1280) -> (N, C)
     model.classifier[1] = nn.Linear(model.last_channel, num_classes)
     spec = ImageSpec.for_size(cfg.image_size or 224)
-    return Backbone(ImageNet(model), "image", spec, channels_last=True)
+    # features[0] is the stem, features[1..17] the inverted-residual blocks, features[18] the last 1x1 conv
+    return Backbone(ImageNet(model), "image", spec, channels_last=True, layers=list(model.features))
 
 
 IMAGE_BACKBONES: dict[str, Callable[[ModelConfig, int], Backbone]] = {
@@ -167,6 +170,7 @@ def load_text_tokenizer(cfg: ModelConfig, data: DataConfig, num_classes: int = 2
     spec = TextSpec(
         max_length=min(data.max_length, getattr(hf_config, "max_position_embeddings", data.max_length)),
         pad_to_multiple_of=data.pad_to_multiple_of,
+        truncation_side=data.truncation_side,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         input_names=tuple(n for n in ("input_ids", "attention_mask", "token_type_ids")
                           if n in tokenizer.model_input_names or n == "input_ids"),
@@ -188,7 +192,24 @@ def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int) -> Ba
     except Exception as exc:
         raise _hf_error(cfg, exc) from None
     model.train()  # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout would be off
-    return Backbone(TextNet(model), "text", spec, tokenizer=tokenizer)
+    return Backbone(TextNet(model), "text", spec, tokenizer=tokenizer, layers=encoder_layers(model))
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """Embeddings then transformer blocks, bottom -> top; pooler and classifier are the head."""
+    base = model.base_model
+    blocks = None
+    for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers"):  # BERT/RoBERTa, DistilBERT, ...
+        obj: Any = base
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, nn.ModuleList):
+            blocks = list(obj)
+            break
+    if blocks is None:
+        return [base]  # unknown layout: the encoder is one layer
+    embeddings = getattr(base, "embeddings", None)
+    return ([embeddings] if embeddings is not None else []) + blocks
 
 
 # ------------------------------------------------------------------------------------ entry

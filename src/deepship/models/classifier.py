@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -11,42 +11,75 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from deepship.models.finetuning import build_scheduler, layerwise_param_groups
+
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # (named inputs, targets (N,))
 STAGES = ("train", "val", "test")
 
 
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warmup from 0, then cosine decay to 0 at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 1e-4  # head lr, and backbone lr unless given
+    backbone_lr: float | None = None
+    layer_decay: float | None = None
+    weight_decay: float = 0.01
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.1
 
 
-def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices and kernels; never biases or norm scales (1-D tensors)."""
-    decay, no_decay = [], []
-    for p in net.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@dataclass(frozen=True)
+class LossSettings:
+    class_weights: tuple[float, ...] | None = None  # (C,) in label order
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # probability a training batch is mixed (images only)
+    cutmix: float = 0.0
+
+
+class BatchMixer:
+    """MixUp or CutMix on a training batch, picked at random; targets become (N, C) probabilities."""
+
+    def __init__(self, num_classes: int, mixup: float, cutmix: float) -> None:
+        from torchvision.transforms import v2
+
+        self.mixup, self.cutmix = mixup, cutmix
+        self.ops = (v2.MixUp(num_classes=num_classes), v2.CutMix(num_classes=num_classes))
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = float(torch.rand(()))
+        if u < self.mixup:
+            return self.ops[0](images, targets)
+        if u < self.mixup + self.cutmix:
+            return self.ops[1](images, targets)
+        return images, targets
 
 
 class ClassifierModule(L.LightningModule):
-    def __init__(self, net: nn.Module, num_classes: int, lr: float = 1e-4, weight_decay: float = 0.01,
-                 warmup_ratio: float = 0.1, channels_last: bool = False,
+    def __init__(self, net: nn.Module, num_classes: int, layers: Sequence[nn.Module] = (),
+                 optim: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
+                 channels_last: bool = False, compile: bool = False,
                  run_info: dict[str, Any] | None = None) -> None:
         super().__init__()
         # run_info (resolved config, labels, preprocessing) makes every checkpoint self-describing.
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "layers"])
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.layers = list(layers)  # backbone layers bottom -> top, submodules of net (not re-registered)
+        self.optim = OptimSettings(**(optim or {}))
+        settings = LossSettings(**(loss or {}))
+        weights = torch.tensor(settings.class_weights, dtype=torch.float32) if settings.class_weights else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=settings.label_smoothing)
+        self.mixer = BatchMixer(num_classes, settings.mixup, settings.cutmix) \
+            if settings.mixup + settings.cutmix > 0 else None
         metrics = MetricCollection({
             "accuracy": MulticlassAccuracy(num_classes, average="micro"),
             "macro_f1": MulticlassF1Score(num_classes, average="macro"),
         })
         # ModuleDict keys can be neither "/" paths nor Module attributes such as "train".
         self.metrics = nn.ModuleDict({f"{s}_metrics": metrics.clone(prefix=f"{s}/") for s in STAGES})
+
+    def configure_model(self) -> None:
+        # nn.Module.compile() compiles in place: state_dict keys stay free of "_orig_mod.".
+        if self.hparams.compile and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last and "pixel_values" in inputs:
@@ -55,11 +88,16 @@ class ClassifierModule(L.LightningModule):
 
     def model_step(self, batch: Batch, stage: str) -> torch.Tensor:
         inputs, targets = batch
+        hard = targets
+        if stage == "train" and self.mixer is not None:
+            inputs = dict(inputs)
+            inputs["pixel_values"], targets = self.mixer(inputs["pixel_values"], targets)
+            hard = targets.argmax(1) if targets.ndim == 2 else targets
         logits = self(**inputs)  # (N, C)
-        loss = self.loss_fn(logits.float(), targets)
+        loss = self.loss_fn(logits.float(), targets)  # targets: (N,) indices or (N, C) mixed probabilities
         metrics = self.metrics[f"{stage}_metrics"]
-        metrics.update(logits.detach(), targets)
-        n = targets.shape[0]
+        metrics.update(logits.detach(), hard)
+        n = hard.shape[0]
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
         return loss
@@ -74,9 +112,16 @@ class ClassifierModule(L.LightningModule):
         return self.model_step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.net, hp.weight_decay), lr=hp.lr)
+        o = self.optim
+        groups = layerwise_param_groups(self.net, self.layers, head_lr=o.lr, backbone_lr=o.backbone_lr or o.lr,
+                                        layer_decay=o.layer_decay, weight_decay=o.weight_decay)
+        # foreach: one fused kernel launch per group instead of one per tensor
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, foreach=True)
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(hp.warmup_ratio * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        scheduler = build_scheduler(optimizer, o.schedule, total, o.warmup_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def optim_settings(**kwargs: Any) -> dict[str, Any]:
+    """Plain dict for hparams (and checkpoints), validated by the dataclass."""
+    return asdict(OptimSettings(**kwargs))

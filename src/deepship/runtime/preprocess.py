@@ -110,6 +110,7 @@ class TextSpec:
     pad_id: int = 0
     input_names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
     tokenizer_file: str = "tokenizer/tokenizer.json"
+    truncation_side: str = "right"  # which end of a long text loses tokens
     lowercase: bool = field(default=False)  # informative: the tokenizer's normalizer does it
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +135,7 @@ class TextPreprocessor:
         self.spec = spec
         self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: we set truncation
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length=spec.max_length)
+        self.tokenizer.enable_truncation(max_length=spec.max_length, direction=spec.truncation_side)
 
     @classmethod
     def from_file(cls, path: str | Path, spec: TextSpec) -> "TextPreprocessor":

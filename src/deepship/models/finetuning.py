@@ -1,0 +1,114 @@
+"""Fine-tuning mechanics shared by every backbone: which layers train when, and at which learning rate.
+
+Design choice: the optimizer holds every parameter from the first step, one param group per backbone
+layer (bottom to top) and one for the head, each split into decay / no-decay. Freezing only flips
+`requires_grad` (AdamW skips parameters without a gradient, weight decay included), so the param
+groups never change: the LR schedule covers them all, and a resume from last.ckpt restores them as
+they were. Toolkits that add param groups at unfreeze time lose them, or their schedule, on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+Strategy = str  # "full" | "freeze" | "freeze_then_unfreeze" | "gradual"
+
+
+# ------------------------------------------------------------------------------ learning rates
+def split_decay(params: Sequence[nn.Parameter], lr: float, weight_decay: float, name: str) -> list[dict[str, Any]]:
+    """Decay matrices and kernels; never biases or norm scales (1-D tensors)."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{name}/decay"},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}/no_decay"}]
+
+
+def layerwise_param_groups(net: nn.Module, layers: Sequence[nn.Module], head_lr: float, backbone_lr: float,
+                           layer_decay: float | None, weight_decay: float) -> list[dict[str, Any]]:
+    """Layer i of n (0 = bottom) gets backbone_lr * layer_decay ** (n - i); the head gets head_lr."""
+    groups: list[dict[str, Any]] = []
+    in_layers: set[int] = set()
+    n = len(layers)
+    for i, layer in enumerate(layers):
+        params = list(layer.parameters())
+        in_layers.update(id(p) for p in params)
+        scale = layer_decay ** (n - i) if layer_decay else 1.0
+        groups += split_decay(params, backbone_lr * scale, weight_decay, f"layer{i}")
+    head = [p for p in net.parameters() if id(p) not in in_layers]
+    groups += split_decay(head, head_lr, weight_decay, "head")
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """LR multiplier at `step`: linear warmup from 0, then cosine / linear decay to 0, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 1.0  # constant
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total: int,
+                    warmup_ratio: float) -> torch.optim.lr_scheduler.LRScheduler:
+    if schedule == "onecycle":  # its own warmup (30%) and annealing, peak = each group's lr
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(total, 2))
+    warmup = int(warmup_ratio * total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, total=total, warmup=warmup,
+                                                                schedule=schedule))
+
+
+# ---------------------------------------------------------------------------------- freezing
+def frozen_layer_count(strategy: Strategy, epoch: int, n_layers: int, unfreeze_epoch: int,
+                       unfreeze_every: int) -> int:
+    """How many backbone layers, counted from the bottom, stay frozen during `epoch` (0-based)."""
+    if strategy == "full":
+        return 0
+    if strategy == "freeze" or epoch < unfreeze_epoch:
+        return n_layers
+    if strategy == "freeze_then_unfreeze":
+        return 0
+    unfrozen = 1 + (epoch - unfreeze_epoch) // unfreeze_every  # gradual: one more group from the top
+    return max(0, n_layers - unfrozen)
+
+
+def set_frozen(layers: Sequence[nn.Module], n_frozen: int, training: bool) -> None:
+    """Freeze the bottom `n_frozen` layers; their BatchNorms go to eval mode (running stats kept).
+    With `training`, the other layers' BatchNorms are put (back) in training mode."""
+    for i, layer in enumerate(layers):
+        frozen = i < n_frozen
+        for p in layer.parameters():
+            p.requires_grad = not frozen
+        for m in layer.modules():
+            if isinstance(m, _BatchNorm) and (frozen or training):
+                m.train(not frozen)
+
+
+class FinetuningStrategy(BaseFinetuning):
+    """Lightning finetuning callback: the frozen set is a function of the epoch alone, so a resumed
+    run recomputes exactly the state an uninterrupted run would have (nothing to restore)."""
+
+    def __init__(self, strategy: Strategy, unfreeze_epoch: int = 1, unfreeze_every: int = 1) -> None:
+        super().__init__()
+        self.strategy, self.unfreeze_epoch, self.unfreeze_every = strategy, unfreeze_epoch, unfreeze_every
+
+    def _apply(self, pl_module: Any, epoch: int, training: bool) -> None:
+        layers = pl_module.layers
+        n = frozen_layer_count(self.strategy, epoch, len(layers), self.unfreeze_epoch, self.unfreeze_every)
+        set_frozen(layers, n, training)
+
+    def freeze_before_training(self, pl_module: Any) -> None:
+        self._apply(pl_module, 0, training=False)
+
+    def finetune_function(self, pl_module: Any, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        self._apply(pl_module, epoch, training=True)  # called at every train epoch start
