@@ -55,7 +55,6 @@ def bench_data(rows: int = 100_000) -> list[dict[str, Any]]:
              "quarantined": report["totals"]["quarantined"]}]
 
 
-BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {"data": bench_data}
 
 
 def print_results(results: list[dict[str, Any]]) -> None:
@@ -63,3 +62,74 @@ def print_results(results: list[dict[str, Any]]) -> None:
         print(json.dumps(row))
     for row in results:
         print("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+FINETUNE_VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {"strategy": "full"},
+    "freeze_then_unfreeze": {"strategy": "freeze_then_unfreeze", "unfreeze_epoch": 1, "head_lr": 1e-3},
+    "layer_decay": {"strategy": "full", "layer_decay": 0.8, "head_lr": 2e-4},
+}
+
+
+def split_rt_polarity(data_dir: Path, out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The fixed 80/20 random split (seed 0) of rt-polarity, written as train.csv / test.csv."""
+    rows = [(line, label) for label, suffix in (("positive", "pos"), ("negative", "neg"))
+            for line in (data_dir / f"rt-polarity.{suffix}").read_text(encoding="latin-1").splitlines() if line.strip()]
+    random.Random(seed).shuffle(rows)
+    cut = int(0.8 * len(rows))
+    paths = []
+    for name, part in (("train", rows[:cut]), ("test", rows[cut:])):
+        path = out_dir / f"{name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(part)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def tfidf_baseline(train: Path, test: Path) -> float | None:
+    """TF-IDF (1-2 grams) + LinearSVC, the reference a deep model must beat; None without scikit-learn."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.svm import LinearSVC
+    except ImportError:
+        return None
+    read = lambda p: list(zip(*list(csv.reader(open(p, encoding="utf-8")))[1:]))  # noqa: E731
+    (x_train, y_train), (x_test, y_test) = read(train), read(test)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    model = LinearSVC().fit(vectorizer.fit_transform(x_train), y_train)
+    return float((model.predict(vectorizer.transform(x_test)) == list(y_test)).mean())
+
+
+def bench_finetune(data_dir: str = "../shared/data/rt-polarity", out_dir: str = "checkpoints/bench-finetune",
+                   epochs: int = 2, variants: str = ",".join(FINETUNE_VARIANTS)) -> list[dict[str, Any]]:
+    """Fine-tuning strategies on rt-polarity with the packaged MiniLM vs the TF-IDF baseline."""
+    import torch
+
+    from deepship.training import fit
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = split_rt_polarity(Path(data_dir), out)
+    results = [{"kind": "finetune", "variant": "tfidf_linearsvc", "test_accuracy": tfidf_baseline(train, test)}]
+    for name in variants.split(","):
+        cfg = Config.model_validate({
+            "task": "text_classification",
+            "data": {"train": str(train), "test": str(test), "val_fraction": 0.1, "max_length": 64},
+            "model": {"backbone": "all-MiniLM-L6-v2"},
+            "finetune": {"warmup_ratio": 0.1, **FINETUNE_VARIANTS[name]},
+            "train": {"max_epochs": epochs, "batch_size": 32, "lr": 1e-4, "seed": 0, "out_dir": str(out),
+                      "run_name": name, "overwrite": True},
+        })
+        metrics = json.loads((fit(cfg) / "metrics.json").read_text())
+        results.append({"kind": "finetune", "variant": name, "test_accuracy": metrics["test"]["accuracy"],
+                        "val_accuracy": metrics["val"]["accuracy"], "train_time_s": metrics["train_time_s"],
+                        "epochs": epochs, "device": metrics["device"], "threads": torch.get_num_threads(),
+                        "settings": FINETUNE_VARIANTS[name]})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {"data": bench_data, "finetune": bench_finetune}

@@ -91,7 +91,9 @@ def cmd_data_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from deepship.bench import BENCHES, print_results
 
-    print_results(BENCHES[args.what](**({"rows": args.rows} if args.rows else {})))
+    options = {k: v for k, v in (("rows", args.rows), ("data_dir", args.data), ("epochs", args.epochs),
+                                 ("variants", args.variants)) if v is not None}
+    print_results(BENCHES[args.what](**options))
     return 0
 
 
@@ -112,8 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_data_report)
 
     bench = commands.add_parser("bench", help="benchmarks: one JSON line per measurement, then a table")
-    bench.add_argument("what", choices=["data"], help="data: validation of N text rows vs reading them")
+    bench.add_argument("what", choices=["data", "finetune"],
+                       help="data: validation of N text rows vs reading them; "
+                            "finetune: strategies on rt-polarity with MiniLM vs TF-IDF")
     bench.add_argument("--rows", type=int, default=None, help="data: rows to generate (default 100000)")
+    bench.add_argument("--data", default=None, help="finetune: rt-polarity folder (default ../shared/data/rt-polarity)")
+    bench.add_argument("--epochs", type=int, default=None, help="finetune: epochs per variant (default 2)")
+    bench.add_argument("--variants", default=None, help="finetune: comma-separated subset of full,"
+                                                        "freeze_then_unfreeze,layer_decay")
     bench.set_defaults(func=cmd_bench)
 
     export = commands.add_parser("export", help="export a run to an ONNX model package, gated by a parity check")

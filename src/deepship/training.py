@@ -8,7 +8,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -228,7 +228,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_p
 
 
 # ---------------------------------------------------------------------------------------- fit
-def fit(cfg: Config) -> Path:
+def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     """Train per `cfg`, write the run directory, return its path."""
     check_loggers(cfg)
     resume = resume_checkpoint(cfg)
@@ -254,7 +254,8 @@ def fit(cfg: Config) -> Path:
                           report["fingerprint"])
     throughput = ThroughputCallback()
     steps = -(-len(splits.train) // cfg.train.batch_size)
-    trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput], steps)
+    trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput, *extra_callbacks],
+                            steps)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
 
     # Re-evaluate the best checkpoint, so metrics.json is what best.ckpt reproduces.
