@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,15 +160,10 @@ def test_int8_image_uses_static_calibration(tiny_image_run: Path, tmp_path: Path
 def test_minilm_rt_polarity_fp32_and_int8_pass_their_gates(tmp_path: Path) -> None:
     if not RT_POLARITY.is_dir():
         pytest.skip(f"{RT_POLARITY} not found (shared reference data is absent on this machine)")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_export.py"), "--work", str(tmp_path), "--train-samples", "2000",
-         "--val-samples", "1000", "--test-samples", "300", "--epochs", "2", "--runs", "100",
-         "--json", str(tmp_path / "bench.json")],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    bench = json.loads((tmp_path / "bench.json").read_text())
-    fp32, int8 = bench["fp32"], bench["int8"]
+    from deepship.bench import bench_export
+
+    fp32, int8, _ = bench_export(str(RT_POLARITY), str(tmp_path), train_samples=2000, val_samples=1000,
+                                 test_samples=300, epochs=2, runs=100)
     assert fp32["parity_max_abs_diff"] <= 1e-4 and fp32["parity_top1_agreement"] == 1.0
     assert int8["size_bytes"] < 0.4 * fp32["size_bytes"]
     assert fp32["test_accuracy"] > 0.6  # briefly fine-tuned, clearly above chance (0.5)

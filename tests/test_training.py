@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import urllib.error
 from pathlib import Path
 
@@ -185,25 +184,12 @@ def test_cuda_run_uses_mixed_precision(image_dir: Path, tmp_path: Path) -> None:
     assert metrics["device"].startswith("cuda") and metrics["precision"] in ("bf16-mixed", "16-mixed")
 
 
-def _rt_polarity_csv(path: Path, n_per_class: int, offset: int) -> Path:
-    rows = []
-    for label, suffix in (("positive", "pos"), ("negative", "neg")):
-        lines = (RT_POLARITY / f"rt-polarity.{suffix}").read_text(encoding="latin-1").splitlines()
-        rng = random.Random(0)
-        rng.shuffle(lines)
-        rows += [(t, label) for t in lines[offset : offset + n_per_class]]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not RT_POLARITY.is_dir(), reason="shared data ../shared/data/rt-polarity is absent")
 def test_real_minilm_on_rt_polarity_beats_070(tmp_path: Path) -> None:
-    train = _rt_polarity_csv(tmp_path / "train.csv", 300, offset=0)
-    test = _rt_polarity_csv(tmp_path / "test.csv", 200, offset=1000)  # disjoint lines
+    from deepship.bench import rt_polarity_rows, write_csv_splits
+
+    train, test = write_csv_splits(rt_polarity_rows(RT_POLARITY), tmp_path, {"train": 600, "test": 400})  # disjoint
     raw = {"task": "text_classification",
            "data": {"train": str(train), "test": str(test), "val_fraction": 0.15, "max_length": 64},
            "model": {"backbone": "all-MiniLM-L6-v2"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -72,21 +73,31 @@ FINETUNE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def split_rt_polarity(data_dir: Path, out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
-    """The fixed 80/20 random split (seed 0) of rt-polarity, written as train.csv / test.csv."""
-    rows = [(line, label) for label, suffix in (("positive", "pos"), ("negative", "neg"))
+def rt_polarity_rows(data_dir: Path, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, label) for every rt-polarity sentence (latin-1 files), shuffled with `seed`."""
+    rows = [(line.strip(), label) for label, suffix in (("positive", "pos"), ("negative", "neg"))
             for line in (data_dir / f"rt-polarity.{suffix}").read_text(encoding="latin-1").splitlines() if line.strip()]
     random.Random(seed).shuffle(rows)
+    return rows
+
+
+def write_csv_splits(rows: list[tuple[str, str]], out_dir: Path, sizes: dict[str, int]) -> list[Path]:
+    """Consecutive, disjoint slices of `rows` as out_dir/<name>.csv (text,label)."""
+    paths, start = [], 0
+    for name, n in sizes.items():
+        paths.append(out_dir / f"{name}.csv")
+        with open(paths[-1], "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("text", "label"), *rows[start : start + n]])
+        start += n
+    return paths
+
+
+def split_rt_polarity(data_dir: Path, out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The fixed 80/20 random split (seed 0) of rt-polarity, written as train.csv / test.csv."""
+    rows = rt_polarity_rows(data_dir, seed)
     cut = int(0.8 * len(rows))
-    paths = []
-    for name, part in (("train", rows[:cut]), ("test", rows[cut:])):
-        path = out_dir / f"{name}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["text", "label"])
-            writer.writerows(part)
-        paths.append(path)
-    return paths[0], paths[1]
+    train, test = write_csv_splits(rows, out_dir, {"train": cut, "test": len(rows) - cut})
+    return train, test
 
 
 def tfidf_baseline(train: Path, test: Path) -> float | None:
@@ -132,4 +143,83 @@ def bench_finetune(data_dir: str = "../shared/data/rt-polarity", out_dir: str = 
     return results
 
 
-BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {"data": bench_data, "finetune": bench_finetune}
+
+# --------------------------------------------------------------------------------- export
+SENTENCE = "a gripping, beautifully acted film ."  # a short, real-looking review snippet
+
+
+def latency_p50(predictors: dict[str, Any], runs: int, blocks: int = 4) -> dict[str, dict[str, float]]:
+    """Batch 1, p50 ms: model only (session.run) and end to end (tokenize + run + softmax).
+
+    Models take turns in blocks, not run by run: onnxruntime's idle threads spin for a moment after
+    each run and would steal the 2 cores from the other model's next call.
+    """
+    times: dict[str, dict[str, list[float]]] = {k: {"model": [], "end_to_end": []} for k in predictors}
+    for _ in range(blocks):
+        for name, p in predictors.items():
+            arrays = p.preprocess([SENTENCE])
+            for i in range(runs // blocks + 5):
+                t0 = time.perf_counter()
+                p.run(arrays)
+                t1 = time.perf_counter()
+                p.predict([SENTENCE])
+                t2 = time.perf_counter()
+                if i >= 5:  # warm-up after the other model's turn
+                    times[name]["model"].append((t1 - t0) * 1000)
+                    times[name]["end_to_end"].append((t2 - t1) * 1000)
+    return {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+
+
+def bench_export(data_dir: str = "../shared/data/rt-polarity", out_dir: str = "checkpoints/bench-export",
+                 train_samples: int = 2000, val_samples: int = 1000, test_samples: int = 1000, epochs: int = 2,
+                 runs: int = 200) -> list[dict[str, Any]]:
+    """fp32 vs int8 packages of MiniLM fine-tuned briefly on rt-polarity: size, CPU latency, accuracy.
+
+    Trains and exports twice through the CLI (both gates must pass), then measures both packages in
+    this one process, alternating runs so machine noise hits both alike."""
+    from deepship import cli
+    from deepship.errors import ExportError
+    from deepship.runtime.predictor import Predictor
+
+    work = Path(out_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": train_samples, "val": val_samples, "test": test_samples}
+    train, val, test = write_csv_splits(rt_polarity_rows(Path(data_dir)), work, sizes)
+    config = {"task": "text_classification",
+              "data": {"train": str(train), "val": str(val), "test": str(test), "max_length": 64},
+              "model": {"backbone": "all-MiniLM-L6-v2"},
+              "train": {"max_epochs": epochs, "batch_size": 16, "lr": 1e-4, "accelerator": "cpu",
+                        "out_dir": str(work / "runs"), "run_name": "minilm-rt", "overwrite": True}}
+    (work / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    if cli.main(["train", "--config", str(work / "config.yaml")]) != 0:
+        raise ExportError("bench export: training failed (see above)")
+    packages = {"fp32": work / "pkg-fp32", "int8": work / "pkg-int8"}
+    for name, out in packages.items():
+        quantize = ["--quantize", "int8"] if name == "int8" else []
+        if cli.main(["export", "--run", str(work / "runs" / "minilm-rt"), "--out", str(out), "--overwrite", *quantize]):
+            raise ExportError(f"bench export: the {name} export failed its gate (numbers above)")
+    predictors = {name: Predictor.load(out) for name, out in packages.items()}
+    with open(test, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
+    preds = {n: [x.label for b in range(0, len(texts), 64) for x in p.predict(texts[b : b + 64])]
+             for n, p in predictors.items()}
+    latency = latency_p50(predictors, runs)
+    results = []
+    for name, out in packages.items():
+        parity = json.loads((out / "parity.json").read_text())
+        results.append({"kind": "export", "precision": name, "size_bytes": (out / "model.onnx").stat().st_size,
+                        "latency_ms_p50": round(latency[name]["model"], 3),
+                        "latency_ms_p50_end_to_end": round(latency[name]["end_to_end"], 3),
+                        "test_accuracy": sum(p == y for p, y in zip(preds[name], labels)) / len(labels),
+                        "parity_max_abs_diff": parity["max_abs_diff"],
+                        "parity_top1_agreement": parity["top1_agreement"], **sizes, "epochs": epochs})
+    fp32, int8 = results
+    results.append({"kind": "export_ratio", "int8_over_fp32_size": round(int8["size_bytes"] / fp32["size_bytes"], 3),
+                    "int8_over_fp32_latency": round(int8["latency_ms_p50"] / fp32["latency_ms_p50"], 3),
+                    "test_agreement": sum(a == b for a, b in zip(preds["fp32"], preds["int8"])) / len(texts)})
+    return results
+
+
+BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "data": bench_data, "finetune": bench_finetune, "export": bench_export}

@@ -92,7 +92,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from deepship.bench import BENCHES, print_results
 
     options = {k: v for k, v in (("rows", args.rows), ("data_dir", args.data), ("epochs", args.epochs),
-                                 ("variants", args.variants)) if v is not None}
+                                 ("variants", args.variants), ("out_dir", args.out),
+                                 ("train_samples", args.train_samples), ("runs", args.runs)) if v is not None}
     print_results(BENCHES[args.what](**options))
     return 0
 
@@ -114,12 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_data_report)
 
     bench = commands.add_parser("bench", help="benchmarks: one JSON line per measurement, then a table")
-    bench.add_argument("what", choices=["data", "finetune"],
+    bench.add_argument("what", choices=["data", "finetune", "export"],
                        help="data: validation of N text rows vs reading them; "
-                            "finetune: strategies on rt-polarity with MiniLM vs TF-IDF")
+                            "finetune: strategies on rt-polarity with MiniLM vs TF-IDF; "
+                            "export: fp32 vs int8 packages of MiniLM on rt-polarity")
     bench.add_argument("--rows", type=int, default=None, help="data: rows to generate (default 100000)")
     bench.add_argument("--data", default=None, help="finetune: rt-polarity folder (default ../shared/data/rt-polarity)")
-    bench.add_argument("--epochs", type=int, default=None, help="finetune: epochs per variant (default 2)")
+    bench.add_argument("--epochs", type=int, default=None, help="finetune/export: epochs (default 2)")
+    bench.add_argument("--out", default=None, help="finetune/export: work folder (default checkpoints/bench-*)")
+    bench.add_argument("--train-samples", type=int, default=None, help="export: training sentences (default 2000)")
+    bench.add_argument("--runs", type=int, default=None, help="export: timed runs per model (default 200)")
     bench.add_argument("--variants", default=None, help="finetune: comma-separated subset of full,"
                                                         "freeze_then_unfreeze,layer_decay")
     bench.set_defaults(func=cmd_bench)
