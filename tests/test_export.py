@@ -159,7 +159,7 @@ def test_int8_image_uses_static_calibration(tiny_image_run: Path, tmp_path: Path
 @pytest.mark.slow
 def test_minilm_rt_polarity_fp32_and_int8_pass_their_gates(tmp_path: Path) -> None:
     if not RT_POLARITY.is_dir():
-        pytest.skip(f"{RT_POLARITY} not found (shared reference data is absent on this machine)")
+        pytest.skip(reason=f"{RT_POLARITY} not found (shared reference data is absent on this machine)")
     from deepship.bench import bench_export
 
     fp32, int8, _ = bench_export(str(RT_POLARITY), str(tmp_path), train_samples=2000, val_samples=1000,

@@ -275,7 +275,7 @@ def test_missing_logger_backend_is_a_config_error(image_dir: Path, tmp_path: Pat
     from importlib.util import find_spec
 
     if find_spec("mlflow"):
-        pytest.skip("mlflow is installed here (absent is the case under test)")
+        pytest.skip(reason="mlflow is installed here; the case under test is mlflow absent")
     raw = image_config(image_dir, tmp_path / "runs", loggers=["csv", "mlflow"])
     assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
     assert "train.loggers: 'mlflow' needs the mlflow package" in capsys.readouterr().err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +12,9 @@ import torch
 
 from deepship.config import Config, parse_yaml
 from deepship.errors import ConfigError, DataError
+from deepship.files import write_json
 from deepship.models.backbones import Backbone, build_backbone
 from deepship.models.classifier import ClassifierModule, optim_settings
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write via a temp file and rename, so a crash never leaves half a JSON file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def class_weights(cfg: Config, classes: list[str], train_labels: list[str]) -> tuple[float, ...] | None:

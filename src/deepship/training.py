@@ -21,9 +21,10 @@ from deepship.data.report import write_data_report
 from deepship.data.split import DataValidationError, Splits, load_validated
 from deepship.data.text import TextDataset, count_truncated
 from deepship.errors import ConfigError, DataError
+from deepship.files import write_json
 from deepship.models.backbones import build_backbone, load_text_tokenizer
 from deepship.models.finetuning import FinetuningStrategy
-from deepship.run import build_module, loss_settings, write_json, write_run_files
+from deepship.run import build_module, loss_settings, write_run_files
 from deepship.runtime.preprocess import TextPreprocessor
 
 MONITOR = "val/macro_f1"

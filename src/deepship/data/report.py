@@ -7,9 +7,10 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from deepship.files import atomic_write_text
 
 JSON_NAME, HTML_NAME = "data_report.json", "data_report.html"
 MAX_ROWS = 200  # the HTML lists this many quarantined samples; the JSON lists all
@@ -18,15 +19,9 @@ MAX_ROWS = 200  # the HTML lists this many quarantined samples; the JSON lists a
 def write_data_report(report: dict[str, Any], out_dir: Path) -> Path:
     """Write both files atomically; returns the JSON path (the one to cite in messages)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / JSON_NAME, json.dumps(report, indent=2) + "\n")
-    _atomic_write(out_dir / HTML_NAME, render_html(report))
+    atomic_write_text(out_dir / JSON_NAME, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / HTML_NAME, render_html(report))
     return out_dir / JSON_NAME
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _png(fig: Any) -> str:

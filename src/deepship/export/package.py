@@ -30,7 +30,8 @@ from deepship.export.quantize import (
     measure_latency_ms,
     quantize_int8,
 )
-from deepship.run import LoadedRun, load_run, write_json
+from deepship.files import write_json
+from deepship.run import LoadedRun, load_run
 from deepship.runtime.predictor import FORMAT_VERSION, MANIFEST, MODEL_FILE, Predictor, sha256_file
 
 LIBRARIES = ("deepship", "torch", "torchvision", "transformers", "tokenizers", "onnx", "onnxruntime", "numpy", "pillow")
