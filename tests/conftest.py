@@ -136,6 +136,33 @@ def tiny_image_run(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) ->
     return train_run(image_config(image_dir, out / "runs"), out / "config.yaml")
 
 
+def evaluate_by_hand(run_dir: Path) -> dict[str, float]:
+    """Rebuild the model from best.ckpt and score the run's val split with plain numpy/torch."""
+    import torch
+
+    from deepship.data.datamodule import ClassificationData
+    from deepship.data.split import load_splits
+    from deepship.run import load_run
+
+    loaded = load_run(run_dir)
+    data = ClassificationData(loaded.config, load_splits(loaded.config), loaded.backbone)
+    data.setup()
+    logits, targets = [], []
+    with torch.no_grad():
+        for inputs, y in data.val_dataloader():
+            logits.append(loaded.module(**inputs))
+            targets.append(y)
+    logits_t, targets_t = torch.cat(logits), torch.cat(targets)
+    pred, target = logits_t.argmax(1).numpy(), targets_t.numpy()
+    f1 = []
+    for c in range(len(loaded.classes)):
+        tp = np.sum((pred == c) & (target == c))
+        fp, fn = np.sum((pred == c) & (target != c)), np.sum((pred != c) & (target == c))
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": float(np.mean(pred == target)), "macro_f1": float(np.mean(f1)),
+            "loss": torch.nn.functional.cross_entropy(logits_t, targets_t).item()}
+
+
 # ------------------------------------------------------------------ exported packages (read-only)
 FORBIDDEN_IN_RUNTIME = ("torch", "torchvision", "lightning", "transformers", "datasets", "deepship.data")
 

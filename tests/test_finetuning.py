@@ -23,7 +23,7 @@ from deepship.models.finetuning import frozen_layer_count, layerwise_param_group
 from deepship.run import build_module, loss_settings
 from deepship.runtime.preprocess import TextPreprocessor, TextSpec
 
-from conftest import image_config, text_config, write_config
+from conftest import evaluate_by_hand, image_config, text_config, write_config
 
 
 class Recorder(Callback):
@@ -233,6 +233,17 @@ def test_ema_weights_equal_the_hand_computed_average(image_dir: Path, tmp_path: 
     assert torch.allclose(last["state_dict"][f"net.{key}"], ema, atol=1e-6)  # checkpointed: EMA weights
     assert torch.equal(last["current_model_state"][f"net.{key}"], rec.after_step[-1][key])  # and the raw ones
     assert not torch.allclose(ema, rec.after_step[-1][key])
+
+
+def test_ema_run_metrics_are_what_best_ckpt_reproduces(image_dir: Path, tmp_path: Path) -> None:
+    """metrics.json must score best.ckpt's weights, not the EMA average held by the fit Trainer."""
+    import json
+
+    run = image_run(image_dir, tmp_path, {"ema_decay": 0.7}, max_epochs=3, limit_train_batches=None)
+    metrics = json.loads((run / "metrics.json").read_text())
+    by_hand = evaluate_by_hand(run)
+    assert by_hand["accuracy"] == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
+    assert by_hand["loss"] == pytest.approx(metrics["val"]["loss"], abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------ resume

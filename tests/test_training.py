@@ -7,20 +7,16 @@ import json
 import urllib.error
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from deepship import cli
 from deepship.config import Config, ModelConfig, load_config
-from deepship.data.datamodule import ClassificationData
-from deepship.data.split import load_splits
 from deepship.errors import ConfigError
 from deepship.models.backbones import build_backbone
-from deepship.run import load_run
 from deepship.training import HISTORY_COLUMNS, resolve_precision
 
-from conftest import RT_POLARITY, image_config, train_run, write_config
+from conftest import RT_POLARITY, evaluate_by_hand, image_config, train_run, write_config
 
 RUNS = ["tiny_image_run", "tiny_text_run"]
 
@@ -63,15 +59,6 @@ def test_run_directory_contents(run: str, request) -> None:
         assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
 
 
-def _macro_f1(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
-    scores = []
-    for c in range(num_classes):
-        tp = np.sum((pred == c) & (target == c))
-        fp, fn = np.sum((pred == c) & (target != c)), np.sum((pred != c) & (target == c))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(scores))
-
-
 @pytest.mark.parametrize("run", RUNS)
 def test_metrics_json_is_what_history_and_best_ckpt_reproduce(run: str, request) -> None:
     run_dir: Path = request.getfixturevalue(run)
@@ -84,20 +71,10 @@ def test_metrics_json_is_what_history_and_best_ckpt_reproduce(run: str, request)
     assert max(float(r["val_macro_f1"]) for r in read_history(run_dir)) == pytest.approx(metrics["val"]["macro_f1"])
 
     # Independent re-evaluation: rebuild the model from the run dir, run the val split by hand.
-    loaded = load_run(run_dir)
-    data = ClassificationData(loaded.config, load_splits(loaded.config), loaded.backbone)
-    data.setup()
-    logits, targets = [], []
-    with torch.no_grad():
-        for inputs, y in data.val_dataloader():
-            logits.append(loaded.module(**inputs))
-            targets.append(y)
-    logits_t, targets_t = torch.cat(logits), torch.cat(targets)
-    pred, target = logits_t.argmax(1).numpy(), targets_t.numpy()
-    assert float(np.mean(pred == target)) == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
-    assert _macro_f1(pred, target, len(loaded.classes)) == pytest.approx(metrics["val"]["macro_f1"], abs=1e-6)
-    loss = torch.nn.functional.cross_entropy(logits_t, targets_t).item()
-    assert loss == pytest.approx(metrics["val"]["loss"], abs=1e-5)
+    by_hand = evaluate_by_hand(run_dir)
+    assert by_hand["accuracy"] == pytest.approx(metrics["val"]["accuracy"], abs=1e-6)
+    assert by_hand["macro_f1"] == pytest.approx(metrics["val"]["macro_f1"], abs=1e-6)
+    assert by_hand["loss"] == pytest.approx(metrics["val"]["loss"], abs=1e-5)
 
 
 def test_seeded_cpu_runs_reproduce(image_dir: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from deepship.data.text import TextDataset, count_truncated
 from deepship.errors import ConfigError, DataError
 from deepship.files import write_json
 from deepship.models.backbones import build_backbone, load_text_tokenizer
+from deepship.models.classifier import ClassifierModule
 from deepship.models.finetuning import FinetuningStrategy
 from deepship.run import build_module, loss_settings, write_run_files
 from deepship.runtime.preprocess import TextPreprocessor
@@ -228,6 +229,22 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_p
     )
 
 
+def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationData, best_path: str) -> dict[str, Any]:
+    """Re-evaluate best.ckpt on val (and test), so metrics.json is what best.ckpt reproduces.
+
+    A fresh Trainer without callbacks: the fit Trainer's EMA callback would swap its final average
+    in for the checkpoint's weights during validation."""
+    evaluator = L.Trainer(accelerator=cfg.train.accelerator, devices=1, precision=resolve_precision(cfg), logger=False,
+                          enable_checkpointing=False, enable_model_summary=False, callbacks=[])
+    metrics: dict[str, Any] = {"val": strip_stage(evaluator.validate(module, datamodule=data, ckpt_path=best_path,
+                                                                     verbose=False)[0], "val")}
+    if "test" in data.datasets:
+        test = evaluator.test(module, datamodule=data, ckpt_path=best_path, verbose=False)[0]
+        metrics["test"] = strip_stage(test, "test")
+    metrics["best_epoch"] = int(torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]) + 1
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------- fit
 def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     """Train per `cfg`, write the run directory, return its path."""
@@ -259,16 +276,8 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
                             steps)
     trainer.fit(module, datamodule=data, ckpt_path=resume)
 
-    # Re-evaluate the best checkpoint, so metrics.json is what best.ckpt reproduces.
-    best_path = trainer.checkpoint_callback.best_model_path  # the first callback: best by val/macro_f1
-    val = trainer.validate(module, datamodule=data, ckpt_path=best_path, verbose=False)[0]
-    metrics: dict[str, Any] = {"val": strip_stage(val, "val")}
-    if splits.test is not None:
-        test = trainer.test(module, datamodule=data, ckpt_path=best_path, verbose=False)[0]
-        metrics["test"] = strip_stage(test, "test")
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    metrics = evaluate_best(cfg, module, data, trainer.checkpoint_callback.best_model_path)
     metrics.update({
-        "best_epoch": int(best["epoch"]) + 1,
         "epochs": trainer.current_epoch,
         "train_time_s": round(throughput.seconds, 3),
         "train_samples_per_s": round(throughput.samples / max(throughput.seconds, 1e-9), 2),
