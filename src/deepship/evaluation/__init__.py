@@ -1,0 +1,1 @@
+"""Evaluation from predictions: metrics, calibration and confidence thresholds (torch, any device)."""

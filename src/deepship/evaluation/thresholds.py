@@ -1,0 +1,116 @@
+"""Confidence thresholds for selective prediction: answer when confident, abstain otherwise.
+
+Every chooser returns a `Threshold`; when no threshold meets the target it says so (`feasible`
+False, with the best it could do) instead of silently falling back to 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float | None  # answer when confidence >= value; None when infeasible
+    feasible: bool
+    precision: float | None  # accuracy of the answered predictions on the data it was chosen on
+    coverage: float  # share of inputs answered
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def risk_coverage(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:
+    """Answer the k most confident inputs, k = 1..N: coverage k/N, risk = error rate among them,
+    and the confidence of the k-th (the threshold that answers exactly those)."""
+    confidence, preds = probs.max(1)
+    order = torch.argsort(confidence, descending=True, stable=True)
+    correct = (preds == targets)[order].double()
+    k = torch.arange(1, len(order) + 1, dtype=torch.float64, device=correct.device)
+    return {"coverage": (k / len(order)).tolist(), "risk": (1 - correct.cumsum(0) / k).tolist(),
+            "threshold": confidence[order].double().tolist()}
+
+
+def _at(confidence: torch.Tensor, correct: torch.Tensor, value: float) -> tuple[float | None, float]:
+    answered = confidence >= value
+    coverage = float(answered.double().mean())
+    precision = float(correct[answered].double().mean()) if answered.any() else None
+    return precision, coverage
+
+
+def threshold_for_precision(probs: torch.Tensor, targets: torch.Tensor, target: float,
+                            min_answered: int = 1) -> Threshold:
+    """The lowest threshold (most coverage) whose answered predictions reach `target` precision."""
+    confidence, preds = probs.max(1)
+    correct = preds == targets
+    curve = risk_coverage(probs, targets)
+    best = None
+    for k in range(len(curve["risk"]) - 1, min_answered - 2, -1):  # from full coverage down
+        value = curve["threshold"][k]
+        precision, coverage = _at(confidence, correct, value)  # ties: everything >= value is answered
+        if precision is not None and precision >= target and int((confidence >= value).sum()) >= min_answered:
+            best = Threshold(value, True, precision, coverage)
+            break
+    if best is not None:
+        return best
+    top_precision, top_coverage = _at(confidence, correct, float(confidence.max()))
+    return Threshold(None, False, top_precision, top_coverage,
+                     f"no threshold reaches precision {target:g}; the most confident predictions reach "
+                     f"{top_precision:.3f}")
+
+
+def threshold_for_coverage(probs: torch.Tensor, targets: torch.Tensor, target: float) -> Threshold:
+    """The highest threshold that still answers at least `target` of the inputs."""
+    confidence, preds = probs.max(1)
+    sorted_conf = torch.sort(confidence, descending=True).values
+    k = max(1, int(torch.ceil(torch.tensor(target * len(sorted_conf))).item()))
+    value = float(sorted_conf[k - 1])
+    precision, coverage = _at(confidence, preds == targets, value)
+    return Threshold(value, True, precision, coverage)
+
+
+def per_class_thresholds(probs: torch.Tensor, targets: torch.Tensor, labels: Sequence[str],
+                         target: float) -> dict[str, Threshold]:
+    """A precision threshold per predicted class: answer class c when its confidence reaches t_c."""
+    preds = probs.argmax(1)
+    out = {}
+    for i, label in enumerate(labels):
+        mask = preds == i
+        if not mask.any():
+            out[label] = Threshold(None, False, None, 0.0, f"class '{label}' is never predicted")
+            continue
+        out[label] = threshold_for_precision(probs[mask], targets[mask], target)
+    return out
+
+
+def expected_cost(p_positive: torch.Tensor, targets: torch.Tensor, threshold: float, cost_fp: float,
+                  cost_fn: float) -> float:
+    """Mean cost per input when predicting positive iff p >= threshold."""
+    positive = p_positive >= threshold
+    fp = (positive & (targets == 0)).sum()
+    fn = (~positive & (targets == 1)).sum()
+    return float((cost_fp * fp + cost_fn * fn) / targets.shape[0])
+
+
+def cost_threshold(p_positive: torch.Tensor, targets: torch.Tensor, cost_fp: float,
+                   cost_fn: float) -> dict[str, float]:
+    """Binary tasks: the threshold on P(positive) minimizing expected cost on this data. The cost only
+    changes at observed scores, so every distinct score (and 'never positive') is a candidate;
+    cumulative counts over the sorted scores price them all in O(N log N)."""
+    order = torch.argsort(p_positive)
+    scores, labels = p_positive[order].double(), targets[order]
+    zero = torch.zeros(1, dtype=torch.float64, device=scores.device)
+    cum_pos = torch.cat([zero, (labels == 1).double().cumsum(0)])
+    cum_neg = torch.cat([zero, (labels == 0).double().cumsum(0)])
+    candidates = torch.cat([torch.unique(scores), torch.tensor([float("inf")], dtype=torch.float64,
+                                                                device=scores.device)])
+    below = torch.searchsorted(scores, candidates, right=False)  # scores < t are predicted negative
+    fn, fp = cum_pos[below], cum_neg[-1] - cum_neg[below]
+    costs = (cost_fp * fp + cost_fn * fn) / targets.shape[0]
+    best = int(torch.argmin(costs))  # first minimum: the lowest such threshold
+    return {"threshold": float(candidates[best]), "expected_cost": float(costs[best]),
+            "cost_fp": cost_fp, "cost_fn": cost_fn}

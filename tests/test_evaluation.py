@@ -1,0 +1,196 @@
+"""deepship.evaluation: every number against an independent computation, including the edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deepship.evaluation.calibration import calibration_errors, fit_temperature, nll, reliability_bins
+from deepship.evaluation.metrics import EPS, accuracy, bootstrap_ci, classification_metrics, log_loss
+from deepship.evaluation.thresholds import (
+    cost_threshold,
+    expected_cost,
+    per_class_thresholds,
+    risk_coverage,
+    threshold_for_coverage,
+    threshold_for_precision,
+)
+
+LABELS = ["a", "b", "c"]
+# Class "c" is never predicted; one prediction is exactly 1.0 confident and one probability is exactly 0.
+PROBS = torch.tensor([[1.0, 0.0, 0.0], [0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.6, 0.3],
+                      [0.4, 0.35, 0.25], [0.3, 0.45, 0.25], [0.5, 0.1, 0.4], [0.2, 0.45, 0.35]],
+                     dtype=torch.float64)
+PROBS = PROBS / PROBS.sum(1, keepdim=True)
+TARGETS = torch.tensor([0, 1, 1, 1, 2, 0, 2, 2])
+
+
+def hand_prf(pred: np.ndarray, target: np.ndarray, c: int) -> tuple[float, float, float]:
+    tp = np.sum((pred == c) & (target == c))
+    fp, fn = np.sum((pred == c) & (target != c)), np.sum((pred != c) & (target == c))
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def test_metrics_match_a_hand_computation() -> None:
+    m = classification_metrics(PROBS, TARGETS, LABELS)
+    pred, target = PROBS.argmax(1).numpy(), TARGETS.numpy()
+    assert m["accuracy"] == pytest.approx(np.mean(pred == target))
+    prf = [hand_prf(pred, target, c) for c in range(3)]
+    support = np.bincount(target, minlength=3)
+    assert m["macro_f1"] == pytest.approx(np.mean([f for _, _, f in prf]))  # "c": never predicted, F1 0, counted
+    assert m["weighted_f1"] == pytest.approx(np.sum([f * s for (_, _, f), s in zip(prf, support)]) / support.sum())
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 3}
+    assert m["per_class"]["b"]["precision"] == pytest.approx(prf[1][0])
+    cm = np.zeros((3, 3), dtype=int)
+    for t, p in zip(target, pred):
+        cm[t, p] += 1
+    assert m["confusion_matrix"] == cm.tolist()
+    top2 = np.mean([t in np.argsort(-row)[:2] for row, t in zip(PROBS.numpy(), target)])
+    assert m["top2_accuracy"] == pytest.approx(top2) and "top5_accuracy" not in m
+    picked = PROBS.numpy()[np.arange(8), target]
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log(np.clip(picked, EPS, 1))))
+
+
+def test_log_loss_is_finite_for_confident_mistakes() -> None:
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert log_loss(probs, torch.tensor([0, 1])) == pytest.approx(0.0)  # confidence exactly 1, right
+    assert log_loss(probs, torch.tensor([1, 1])) == pytest.approx(-math.log(EPS) / 2)  # exactly 0, wrong: finite
+
+
+def test_binary_auc_equals_the_rank_statistic() -> None:
+    rng = np.random.default_rng(0)
+    p1 = rng.random(200)
+    y = (rng.random(200) < p1).astype(int)
+    probs = torch.tensor(np.stack([1 - p1, p1], 1))
+    pos, neg = p1[y == 1], p1[y == 0]
+    by_hand = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])  # P(score_pos > score_neg)
+    assert classification_metrics(probs, torch.tensor(y), ["n", "p"])["roc_auc"] == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_single_class_batch_has_no_auc_but_other_metrics() -> None:
+    m = classification_metrics(PROBS[:1], TARGETS[:1], LABELS)
+    assert m["roc_auc"] is None and m["pr_auc"] is None and m["accuracy"] == 1.0
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_data() -> None:
+    rng = np.random.default_rng(1)
+    def sample(n):
+        y = torch.tensor(rng.integers(0, 2, n))
+        right = torch.tensor(rng.random(n) < 0.8)
+        pred = torch.where(right, y, 1 - y)
+        return torch.nn.functional.one_hot(pred, 2).double(), y
+    small, large = sample(200), sample(5000)
+    lo, hi = bootstrap_ci(*small, accuracy, n_resamples=300)
+    assert lo < accuracy(*small) < hi
+    lo2, hi2 = bootstrap_ci(*large, accuracy, n_resamples=300)
+    assert hi2 - lo2 < (hi - lo) / 2 and lo2 < 0.8 < hi2
+
+
+# ------------------------------------------------------------------------------- calibration
+def test_ece_and_empty_bins_by_hand() -> None:
+    probs = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [1.0, 0.0]], dtype=torch.float64)
+    targets = torch.tensor([0, 1, 0, 0])
+    bins = reliability_bins(probs, targets, n_bins=10)
+    assert [b["count"] for b in bins] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 3]  # 1.0 lands in the last bin
+    assert bins[0]["accuracy"] is None and bins[0]["confidence"] is None  # empty, marked as such
+    errors = calibration_errors(probs, targets, n_bins=10)
+    # bin (0.5, 0.6]: conf 0.55, acc 1; bin (0.9, 1.0]: conf (0.95+0.95+1)/3, acc 2/3
+    last_gap = abs(2 / 3 - (0.95 + 0.95 + 1.0) / 3)
+    assert errors["ece"] == pytest.approx((1 * 0.45 + 3 * last_gap) / 4)
+    assert errors["mce"] == pytest.approx(max(0.45, last_gap))
+
+
+def calibrated_logits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose softmax is the true label distribution (a perfectly calibrated model)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 4, generator=g, dtype=torch.float64) * 2
+    targets = torch.multinomial(torch.softmax(logits, 1), 1, generator=g).squeeze(1)
+    return logits, targets
+
+
+def test_temperature_scaling_recovers_t3() -> None:
+    logits, targets = calibrated_logits(20000, seed=0)
+    overconfident = logits * 3
+    t = fit_temperature(overconfident, targets)
+    assert t == pytest.approx(3.0, rel=0.05)
+    assert nll(overconfident, targets, t) <= nll(overconfident, targets)
+    assert torch.equal((overconfident / t).argmax(1), overconfident.argmax(1))  # accuracy unchanged
+    before = calibration_errors(torch.softmax(overconfident, 1), targets)["ece"]
+    after = calibration_errors(torch.softmax(overconfident / t, 1), targets)["ece"]
+    assert after < before / 3
+
+
+# -------------------------------------------------------------------------------- thresholds
+def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, targets = calibrated_logits(n, seed)
+    return torch.softmax(logits, 1), targets
+
+
+def test_target_precision_is_met_on_held_out_data() -> None:
+    val_probs, val_targets = synthetic(20000, seed=1)
+    chosen = threshold_for_precision(val_probs, val_targets, target=0.9)
+    assert chosen.feasible and chosen.precision >= 0.9 and 0.0 < chosen.coverage < 1.0
+    test_probs, test_targets = synthetic(20000, seed=2)
+    confidence, preds = test_probs.max(1)
+    answered = confidence >= chosen.value
+    held_out_precision = float((preds[answered] == test_targets[answered]).double().mean())
+    assert held_out_precision >= 0.9 - 0.01  # sampling slack on 20k held-out inputs
+    # a lower threshold would have answered more and missed the target on the data it was chosen on
+    lower = confidence.new_tensor(chosen.value) - 1e-3
+    vc, vp = val_probs.max(1)
+    assert float((vp[vc >= lower] == val_targets[vc >= lower]).double().mean()) < 0.9 + 2e-3
+
+
+def test_infeasible_precision_is_reported_not_faked() -> None:
+    probs = torch.full((100, 2), 0.5, dtype=torch.float64)  # a coin flip with no confidence signal
+    targets = torch.tensor([0, 1] * 50)
+    chosen = threshold_for_precision(probs, targets, target=0.95)
+    assert not chosen.feasible and chosen.value is None and "no threshold reaches precision 0.95" in chosen.note
+
+
+def test_coverage_threshold_and_risk_curve() -> None:
+    probs, targets = synthetic(1000, seed=3)
+    chosen = threshold_for_coverage(probs, targets, target=0.8)
+    assert chosen.coverage >= 0.8 and chosen.coverage < 0.81
+    curve = risk_coverage(probs, targets)
+    assert curve["coverage"][-1] == 1.0
+    assert curve["risk"][-1] == pytest.approx(1 - float((probs.argmax(1) == targets).double().mean()))
+    assert curve["risk"][99] < curve["risk"][-1]  # the most confident tenth errs less than all
+
+
+def test_per_class_thresholds_flag_a_class_never_predicted() -> None:
+    out = per_class_thresholds(PROBS, TARGETS, LABELS, target=0.5)
+    assert not out["c"].feasible and "never predicted" in out["c"].note
+    # "a" is predicted at confidences 1.0 (right), 0.7, 0.5, 0.4 (wrong): answering the top two is 50% precise
+    assert out["a"].feasible and out["a"].value == pytest.approx(0.7) and out["a"].precision == pytest.approx(0.5)
+    assert out["a"].coverage == pytest.approx(0.5)
+
+
+def test_cost_threshold_equals_brute_force() -> None:
+    rng = np.random.default_rng(4)
+    p = torch.tensor(np.round(rng.random(500), 2))  # ties on purpose
+    y = torch.tensor((rng.random(500) < p.numpy()).astype(int))
+    for cost_fp, cost_fn in ((1.0, 1.0), (1.0, 5.0), (10.0, 1.0)):
+        fast = cost_threshold(p, y, cost_fp, cost_fn)
+        grid = [float(t) for t in torch.unique(p)] + [float("inf")]
+        brute = min(expected_cost(p, y, t, cost_fp, cost_fn) for t in grid)
+        assert fast["expected_cost"] == pytest.approx(brute)
+        assert expected_cost(p, y, fast["threshold"], cost_fp, cost_fn) == pytest.approx(brute)
+    # expensive misses push the threshold down, expensive false alarms push it up
+    assert cost_threshold(p, y, 1.0, 5.0)["threshold"] < cost_threshold(p, y, 10.0, 1.0)["threshold"]
+
+
+@pytest.mark.gpu
+def test_cpu_and_gpu_agree() -> None:
+    probs, targets = synthetic(5000, seed=5)
+    cpu = classification_metrics(probs, targets, ["a", "b", "c", "d"])
+    gpu = classification_metrics(probs.cuda(), targets.cuda(), ["a", "b", "c", "d"])
+    for key in ("accuracy", "macro_f1", "weighted_f1", "roc_auc", "pr_auc", "log_loss"):
+        assert gpu[key] == pytest.approx(cpu[key], abs=1e-6), key
+    assert calibration_errors(probs.cuda(), targets.cuda())["ece"] == pytest.approx(
+        calibration_errors(probs, targets)["ece"], abs=1e-6)
