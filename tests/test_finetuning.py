@@ -267,6 +267,8 @@ def test_resume_mid_freeze_then_unfreeze_matches_an_uninterrupted_run(image_dir:
     assert second.final["lrs"] == pytest.approx(whole.final["lrs"])  # same schedule position, same groups
     assert second.final["global_step"] == whole.final["global_step"] == 6
     assert second.final["requires_grad"] == whole.final["requires_grad"]
+    history = (tmp_path / "b" / "runs" / "tiny-image" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in history[1:]] == ["1", "2", "3"]  # each epoch once, across the resume
 
 
 # ---------------------------------------------------------------------------------- general

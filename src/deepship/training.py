@@ -42,6 +42,15 @@ class HistoryCallback(Callback):
     def __init__(self, path: Path) -> None:
         self.path, self.start = path, time.perf_counter()
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # A resumed run starts after its checkpoint's epochs: rows past those will be written again.
+        if not self.path.is_file() or not trainer.is_global_zero:
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= trainer.current_epoch])
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
@@ -102,17 +111,6 @@ def resume_checkpoint(cfg: Config) -> Path | None:
     if resume == "auto":
         return None
     raise ConfigError(f"train.resume: {path} not found; train first, or set train.resume to auto or false")
-
-
-def trim_history(path: Path, epochs_done: int) -> None:
-    """On resume, drop history rows of epochs the checkpoint does not include (they will be redone)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= epochs_done]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
 
 
 def prepare_run_dir(cfg: Config, resuming: bool = False) -> Path:
@@ -256,8 +254,6 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     backbone = build_backbone(cfg.task, cfg.model, cfg.data, len(splits.classes))
     if resume is None:
         reset_run_dir(run_dir)  # a replaced run goes only once everything before this succeeded
-    else:
-        trim_history(run_dir / "history.csv", torch.load(resume, map_location="cpu", weights_only=True)["epoch"] + 1)
     write_run_files(cfg, run_dir, splits.classes, backbone)
 
     data = ClassificationData(cfg, splits, backbone)
