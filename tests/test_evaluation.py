@@ -194,3 +194,108 @@ def test_cpu_and_gpu_agree() -> None:
         assert gpu[key] == pytest.approx(cpu[key], abs=1e-6), key
     assert calibration_errors(probs.cuda(), targets.cuda())["ece"] == pytest.approx(
         calibration_errors(probs, targets)["ece"], abs=1e-6)
+
+
+# ----------------------------------------------------------------- decision rule (runtime.decide)
+def test_decide_applies_global_per_class_and_cost_rules() -> None:
+    from deepship.runtime.predictor import decide
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]])
+    preds, conf, abstained = decide(probs, ["neg", "pos"], None)
+    assert preds.tolist() == [0, 0, 1, 1] and not abstained.any()
+    _, _, abstained = decide(probs, ["neg", "pos"], {"min_confidence": 0.65})
+    assert abstained.tolist() == [False, True, False, True]
+    # per-class: 'pos' needs 0.6; 'neg' reached no target on validation, so it always abstains
+    _, _, abstained = decide(probs, ["neg", "pos"], {"per_class": {"neg": None, "pos": 0.6}})
+    assert abstained.tolist() == [True, True, False, True]
+    # a cost threshold of 0.35 on P(pos) turns the second row positive, with its confidence 0.4
+    preds, conf, _ = decide(probs, ["neg", "pos"], {"cost": {"threshold": 0.35}})
+    assert preds.tolist() == [0, 1, 1, 1] and conf.tolist() == [0.9, 0.4, 0.7, 0.55]
+    # an infeasible precision target answers nothing rather than falling back to argmax at 0.5
+    _, _, abstained = decide(probs, ["neg", "pos"], {"basis": "target_precision", "feasible": False,
+                                                      "min_confidence": None})
+    assert abstained.all()
+
+
+def test_choose_thresholds_follows_the_objective() -> None:
+    from deepship.config import ObjectiveConfig
+    from deepship.evaluation.thresholds import choose_thresholds
+
+    probs, targets = synthetic(3000, seed=11)
+    assert choose_thresholds(probs, targets, list("abcd"), ObjectiveConfig(), "val") is None
+    rule = choose_thresholds(probs, targets, list("abcd"), ObjectiveConfig(target_precision=0.9), "val")
+    assert rule["feasible"] and rule["min_confidence"] == threshold_for_precision(probs, targets, 0.9).value
+    wrong = (probs.argmax(1) + 1) % 4  # every prediction wrong: no threshold reaches any precision
+    rule = choose_thresholds(probs, wrong, list("abcd"), ObjectiveConfig(target_precision=0.5), "val")
+    assert rule["feasible"] is False and rule["min_confidence"] is None and "no threshold reaches" in rule["note"]
+    rule = choose_thresholds(probs, targets, list("abcd"),
+                             ObjectiveConfig(target_precision=0.9, per_class_thresholds=True), "val")
+    assert set(rule["per_class"]) == set("abcd")
+
+
+def test_score_names_match_classification_metrics() -> None:
+    from deepship.evaluation.metrics import score
+
+    probs, targets = synthetic(500, seed=2)
+    full = classification_metrics(probs, targets, list("abcd"))
+    for name in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "pr_auc"):
+        assert score(name, probs, probs.argmax(1), targets) == pytest.approx(full[name], abs=1e-9), name
+
+
+# ------------------------------------------------------------------------- champion vs challenger
+def test_mcnemar_exact_p_value_by_hand_and_large_sample_approximation() -> None:
+    from deepship.evaluation.significance import mcnemar
+
+    a = torch.tensor([True] * 6 + [False] * 4)
+    b = torch.tensor([False] * 6 + [False] * 4)
+    result = mcnemar(a, b)  # 6 discordant pairs, all one way: p = 2 * (1/2)^6
+    assert (result["b"], result["c"], result["p_value"]) == (6, 0, pytest.approx(2 / 64))
+    assert mcnemar(a, a)["p_value"] == 1.0
+    # beyond the exact range the corrected chi-square agrees with the exact binomial to ~1e-3
+    big_a = torch.tensor([True] * 700 + [False] * 600)
+    big_b = ~big_a
+    exact_tail = sum(math.comb(1300, k) for k in range(601)) * 2 / 2 ** 1300
+    assert mcnemar(big_a, big_b)["p_value"] == pytest.approx(exact_tail, rel=0.05)
+
+
+def test_paired_bootstrap_sees_a_real_difference_and_not_a_fake_one() -> None:
+    from deepship.evaluation.significance import paired_bootstrap
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 2, (400,), generator=g)
+    good = torch.where(torch.rand(400, generator=g) < 0.9, targets, 1 - targets)  # ~90% right
+    poor = torch.where(torch.rand(400, generator=g) < 0.7, targets, 1 - targets)  # ~70% right
+    acc = lambda preds: (lambda idx: float((preds[idx] == targets[idx]).double().mean()))  # noqa: E731
+    better = paired_bootstrap(400, acc(poor), acc(good), n_resamples=300)
+    assert better["ci"][0] > 0.1 and better["p_value"] < 0.01
+    same = paired_bootstrap(400, acc(good), acc(good), n_resamples=300)
+    assert same["ci"] == [0.0, 0.0] and same["p_value"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ gates
+def test_gates_pass_fail_and_unmeasured() -> None:
+    from deepship.config import ObjectiveConfig
+    from deepship.evaluation.report import gates_section
+
+    metrics = {"macro_f1": 0.91, "accuracy": 0.95}
+    latency = {"batch_1": {"p95": 12.0}}
+    assert gates_section(ObjectiveConfig(), metrics, latency)["passed"] is None
+    ok = gates_section(ObjectiveConfig(min=0.9, latency_budget_ms=20), metrics, latency)
+    assert ok["passed"] is True and [g["passed"] for g in ok["gates"]] == [True, True]
+    slow = gates_section(ObjectiveConfig(min=0.9, latency_budget_ms=10), metrics, latency)
+    assert slow["passed"] is False and slow["summary"] == "FAIL: batch-1 p95 latency <= 10 ms"
+    weak = gates_section(ObjectiveConfig(metric="accuracy", min=0.96), metrics, None)
+    assert weak["passed"] is False and weak["gates"][0]["value"] == 0.95
+    unmeasured = gates_section(ObjectiveConfig(latency_budget_ms=10), metrics, None)
+    assert unmeasured["passed"] is None and "not measured" in unmeasured["summary"]
+
+
+def test_objective_config_rejects_contradictions() -> None:
+    from pydantic import ValidationError
+
+    from deepship.config import ObjectiveConfig
+
+    for bad in ({"target_precision": 0.9, "target_coverage": 0.8}, {"cost_fp": 1.0},
+                {"per_class_thresholds": True}, {"metric": "auc"}, {"min": 1.5}):
+        with pytest.raises(ValidationError):
+            ObjectiveConfig.model_validate(bad)

@@ -66,11 +66,14 @@ def test_predictions_are_probabilities_and_never_abstain_without_thresholds(text
 
 
 def test_calibration_temperature_from_the_manifest_softens_probabilities(text_package: Path, tmp_path: Path) -> None:
-    package = copy_package(text_package, tmp_path / "pkg")
-    manifest = json.loads((package / "package.json").read_text())
-    manifest["calibration"]["temperature"] = 4.0
-    (package / "package.json").write_text(json.dumps(manifest))
-    plain, warm = Predictor.load(text_package).predict(TEXTS), Predictor.load(package).predict(TEXTS)
+    def with_temperature(t: float) -> Path:
+        package = copy_package(text_package, tmp_path / f"pkg-{t}")
+        manifest = json.loads((package / "package.json").read_text())
+        manifest["calibration"]["temperature"] = t
+        (package / "package.json").write_text(json.dumps(manifest))  # package.json is not hashed: the rule is data
+        return package
+
+    plain, warm = Predictor.load(with_temperature(1.0)).predict(TEXTS), Predictor.load(with_temperature(4.0)).predict(TEXTS)
     assert [p.label for p in plain] == [p.label for p in warm]
     assert all(w.confidence < p.confidence for p, w in zip(plain, warm) if p.confidence > 0.51)
 

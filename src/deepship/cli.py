@@ -1,7 +1,7 @@
 """`deepship <command>`: argument parsing and the mapping of errors to exit codes.
 
-Exit codes (DESIGN.md section 3): 0 ok; 2 bad usage, config or input; 1 anything else (a failed
-export gate included).
+Exit codes (DESIGN.md section 3): 0 ok; 2 bad usage, config or input; 4 `evaluate` found an objective
+gate failed; 1 anything else (a failed export gate included).
 """
 
 from __future__ import annotations
@@ -68,6 +68,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
             tmp.unlink(missing_ok=True)
     print(f"{count} predictions written to {args.output or 'stdout'}", file=sys.stderr)
     return 0
+
+
+EXIT_GATE_FAILED = 4
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from deepship.evaluation.evaluate import HTML_NAME, JSON_NAME, EvaluateOptions, evaluate_package
+
+    for name in ("batch_size", "bootstrap"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.latency_runs < 0:
+        raise ConfigError(f"--latency-runs {args.latency_runs}: must be 0 (skip) or more")
+    options = EvaluateOptions(compare=args.compare, baseline=args.baseline, baseline_train=args.baseline_train,
+                              overrides=args.set, batch_size=args.batch_size, latency_runs=args.latency_runs,
+                              n_resamples=args.bootstrap)
+    report = evaluate_package(args.package, args.data, args.out, options)
+    m, verdict = report["metrics"], report["verdict"]
+    print(f"verdict: {verdict['summary']}")
+    metric = report["objective"]["metric"]
+    ci = m["ci95"].get(metric)
+    print(f"{metric}={m[metric]:.4f}" + (f" [95% CI {ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+          + f" accuracy={m['accuracy']:.4f} n={m['n']} ece={report['calibration']['after']['ece']:.4f} "
+          f"answered={report['selective']['coverage']:.1%}")
+    if report["latency"]:
+        lat = report["latency"]["batch_1"]
+        print(f"latency batch 1: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms, p99 {lat['p99']:.2f} ms")
+    if report["baseline"]:
+        print(f"baseline {report['baseline']['name']}: accuracy={report['baseline']['accuracy']:.4f} "
+              f"macro_f1={report['baseline']['macro_f1']:.4f}")
+    if report["comparison"]:
+        print(f"compare: {report['comparison']['conclusion']}")
+    print(f"report: {Path(args.out) / JSON_NAME} and {Path(args.out) / HTML_NAME}")
+    return EXIT_GATE_FAILED if verdict["passed"] is False else 0
 
 
 def cmd_data_report(args: argparse.Namespace) -> int:
@@ -141,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="int8: minimum top-1 agreement with PyTorch (default 0.98)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing package once the gate passes")
     export.set_defaults(func=cmd_export)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a package on labeled data: report.json + report.html; "
+                                                   "exit 4 when an objective gate fails")
+    evaluate.add_argument("--package", required=True, help="model package folder written by export")
+    evaluate.add_argument("--data", required=True,
+                          help="labeled data read like training data: text CSV/JSONL/Parquet, image folder or CSV")
+    evaluate.add_argument("--out", required=True, help="folder for report.json and report.html")
+    evaluate.add_argument("--compare", default=None, metavar="PACKAGE",
+                          help="a challenger package: side by side, paired bootstrap and McNemar tests")
+    evaluate.add_argument("--baseline", choices=["tfidf"], default=None,
+                          help="text: train TF-IDF + linear SVM on the package's training data and report it beside")
+    evaluate.add_argument("--baseline-train", default=None, help="training data for --baseline (default: the package's)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="objective.KEY=VALUE",
+                          help="override the package's objective, e.g. --set objective.min=0.9 (repeatable)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--latency-runs", type=int, default=100, help="timed batch-1 calls (0 skips latency)")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="predict with a model package (no torch needed), JSONL out")
     predict.add_argument("--package", required=True, help="model package folder written by export")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from deepship.errors import ConfigError
 
@@ -189,12 +189,42 @@ class TrainConfig(_Section):
         return value
 
 
+ObjectiveMetric = Literal["accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "pr_auc"]
+
+
+class ObjectiveConfig(_Section):
+    """What the model is for: the metric that matters and the gates `evaluate` enforces (exit 4), plus
+    the confidence thresholds export writes into the package (fitted on validation predictions)."""
+
+    metric: ObjectiveMetric = Field("macro_f1", description="the headline metric the gate and reports lead with")
+    min: float | None = Field(None, ge=0.0, le=1.0, description="gate: the metric must reach this; null = no gate")
+    latency_budget_ms: float | None = Field(None, gt=0.0, description="gate: batch-1 p95 latency of the package")
+    target_precision: float | None = Field(None, gt=0.0, le=1.0,
+                                           description="abstain below the confidence that reaches this precision")
+    target_coverage: float | None = Field(None, gt=0.0, le=1.0,
+                                          description="or: abstain below the confidence that answers this share")
+    per_class_thresholds: bool = Field(False, description="one confidence threshold per predicted class")
+    cost_fp: float | None = Field(None, ge=0.0, description="binary: cost of a false positive")
+    cost_fn: float | None = Field(None, ge=0.0, description="binary: cost of a false negative")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ObjectiveConfig":
+        if self.target_precision is not None and self.target_coverage is not None:
+            raise ValueError("target_precision and target_coverage are alternatives; set one of them")
+        if (self.cost_fp is None) != (self.cost_fn is None):
+            raise ValueError("cost_fp and cost_fn go together; set both or neither")
+        if self.per_class_thresholds and self.target_precision is None:
+            raise ValueError("per_class_thresholds needs objective.target_precision")
+        return self
+
+
 class Config(_Section):
     task: Task
     data: DataConfig
     model: ModelConfig = ModelConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
 
     @property
     def run_dir(self) -> Path:

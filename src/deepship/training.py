@@ -21,6 +21,7 @@ from deepship.data.report import write_data_report
 from deepship.data.split import DataValidationError, Splits, load_validated
 from deepship.data.text import TextDataset, count_truncated
 from deepship.errors import ConfigError, DataError
+from deepship.evaluation.evaluate import write_run_report
 from deepship.files import write_json
 from deepship.models.backbones import build_backbone, load_text_tokenizer
 from deepship.models.classifier import ClassifierModule
@@ -243,6 +244,15 @@ def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationDat
     return metrics
 
 
+def val_logits(cfg: Config, module: ClassifierModule, data: ClassificationData, best_path: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """best.ckpt's validation logits (N, C) and targets (N,), on the training device, for report.json."""
+    evaluator = L.Trainer(accelerator=cfg.train.accelerator, devices=1, precision=resolve_precision(cfg), logger=False,
+                          enable_checkpointing=False, enable_model_summary=False, callbacks=[], enable_progress_bar=False)
+    outputs = evaluator.predict(module, dataloaders=data.val_dataloader(), ckpt_path=best_path)
+    return torch.cat([o[0].cpu() for o in outputs]), torch.cat([o[1].cpu() for o in outputs])
+
+
 # ---------------------------------------------------------------------------------------- fit
 def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     """Train per `cfg`, write the run directory, return its path."""
@@ -284,4 +294,6 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         "precision": str(trainer.precision),
     })
     write_json(run_dir / "metrics.json", metrics)
+    logits, targets = val_logits(cfg, module, data, trainer.checkpoint_callback.best_model_path)
+    write_run_report(cfg, run_dir, logits, targets, splits.classes, metrics["precision"])
     return run_dir

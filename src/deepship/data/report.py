@@ -3,7 +3,6 @@ file: tables plus matplotlib plots embedded as base64 PNGs, so it can be mailed)
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deepship.files import atomic_write_text
+from deepship.htmlpage import figure_tag, img_tag, page, pyplot, table
 
 JSON_NAME, HTML_NAME = "data_report.json", "data_report.html"
 MAX_ROWS = 200  # the HTML lists this many quarantined samples; the JSON lists all
@@ -24,25 +24,10 @@ def write_data_report(report: dict[str, Any], out_dir: Path) -> Path:
     return out_dir / JSON_NAME
 
 
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return _img_tag(buf.getvalue(), "plot")
-
-
-def _img_tag(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
 def plot_class_balance(report: dict[str, Any]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     classes = report.get("classes", [])
     splits = [s for s in report["splits"] if "class_counts" in report["splits"][s]]
@@ -55,15 +40,11 @@ def plot_class_balance(report: dict[str, Any]) -> str:
     ax.set_ylabel("samples")
     ax.set_title("class balance per split")
     ax.legend()
-    return _png(fig)
+    return figure_tag(fig, "class balance per split")
 
 
 def plot_histograms(report: dict[str, Any], key: str, xlabel: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     for name, split in report["splits"].items():
         hist = split.get(key)
@@ -73,13 +54,7 @@ def plot_histograms(report: dict[str, Any], key: str, xlabel: str) -> str:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("samples")
     ax.legend()
-    return _png(fig)
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return figure_tag(fig, f"{xlabel} histogram")
 
 
 def _thumbnail(path: str) -> str:
@@ -92,7 +67,7 @@ def _thumbnail(path: str) -> str:
     img.thumbnail((64, 64))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return _img_tag(buf.getvalue(), Path(path).name)
+    return img_tag(buf.getvalue(), Path(path).name, css_class="thumb")
 
 
 def _examples_html(report: dict[str, Any]) -> str:
@@ -123,7 +98,7 @@ def render_html(report: dict[str, Any]) -> str:
         f"({t.get('bad_fraction', 0):.2%}; limit {t.get('max_bad_fraction', 0):.2%})</p>",
         "<h2>Warnings</h2>" + ("<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>"
                                 if report["warnings"] else "<p>none</p>"),
-        "<h2>Splits</h2>" + _table(["split", "sources", "read", "used", "quarantined", "duplicates", "non-UTF-8",
+        "<h2>Splits</h2>" + table(["split", "sources", "read", "used", "quarantined", "duplicates", "non-UTF-8",
                                     "truncated"], _split_rows(report)),
     ]
     if report.get("classes"):
@@ -135,16 +110,13 @@ def render_html(report: dict[str, Any]) -> str:
                      + plot_histograms(report, "image_height", "height (px)"))
     leakage = [[n, e["count"], e["removed"], "; ".join(f"{x['sample']} = {x['train']}" for x in e["examples"])]
                for n, e in report.get("leakage", {}).items()]
-    parts.append("<h2>Leakage (also in train)</h2>" + _table(["split", "count", "removed", "examples"], leakage))
+    parts.append("<h2>Leakage (also in train)</h2>" + table(["split", "count", "removed", "examples"], leakage))
     conflicts = report.get("label_conflicts", {"count": 0, "examples": []})
-    parts.append(f"<h2>Label conflicts ({conflicts['count']})</h2>" + _table(
+    parts.append(f"<h2>Label conflicts ({conflicts['count']})</h2>" + table(
         ["input", "labels", "where"], [[e["input"], e["labels"], "; ".join(e["origins"])] for e in conflicts["examples"]]))
     quarantine = report["quarantine"]
-    parts.append(f"<h2>Quarantine ({len(quarantine)})</h2>" + _table(
+    parts.append(f"<h2>Quarantine ({len(quarantine)})</h2>" + table(
         ["split", "sample", "reason"], [[q["split"], q["origin"], q["reason"]] for q in quarantine[:MAX_ROWS]]))
     if report.get("examples"):
         parts.append("<h2>Examples per class (train)</h2>" + _examples_html(report))
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top;font-size:90%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>deepship data report</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    return page("deepship data report", "".join(parts))

@@ -56,6 +56,6 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
         return loss
 
     optimizer.step(closure)
-    temperature = float(log_t.exp())
+    temperature = float(log_t.detach().exp())
     # Never return a T that is worse than no scaling (a degenerate optimizer run).
     return temperature if nll(logits, targets, temperature) <= nll(logits, targets) else 1.0

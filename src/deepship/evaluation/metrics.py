@@ -32,9 +32,8 @@ def _auc(fn: Callable[..., torch.Tensor], probs: torch.Tensor, targets: torch.Te
     return float(fn(probs, targets, num_classes=num_classes, average="macro"))  # one-vs-rest, macro
 
 
-def per_class(probs: torch.Tensor, targets: torch.Tensor, labels: Sequence[str]) -> dict[str, dict[str, float]]:
+def per_class(preds: torch.Tensor, targets: torch.Tensor, labels: Sequence[str]) -> dict[str, dict[str, float]]:
     c = len(labels)
-    preds = probs.argmax(1)
     kwargs = {"num_classes": c, "average": None, "zero_division": 0}
     precision = tmf.multiclass_precision(preds, targets, **kwargs)
     recall = tmf.multiclass_recall(preds, targets, **kwargs)
@@ -45,12 +44,15 @@ def per_class(probs: torch.Tensor, targets: torch.Tensor, labels: Sequence[str])
 
 
 def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, labels: Sequence[str],
-                           top_k: Sequence[int] = (2, 5)) -> dict[str, Any]:
-    """Headline, averaged, per-class and threshold-free metrics plus the confusion matrix."""
+                           top_k: Sequence[int] = (2, 5), preds: torch.Tensor | None = None) -> dict[str, Any]:
+    """Headline, averaged, per-class and threshold-free metrics plus the confusion matrix.
+
+    `preds` are the decisions to score (default argmax; a package's binary cost threshold moves them);
+    top-k, AUCs and log loss score the probabilities themselves."""
     c = len(labels)
-    preds = probs.argmax(1)
+    preds = probs.argmax(1) if preds is None else preds
     out: dict[str, Any] = {"n": int(targets.shape[0]),
-                           "accuracy": float((preds == targets).float().mean())}
+                           "accuracy": float((preds == targets).double().mean())}
     for k in top_k:
         if k < c:
             out[f"top{k}_accuracy"] = float(tmf.multiclass_accuracy(probs, targets, num_classes=c, top_k=k,
@@ -63,26 +65,35 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, labels: S
     out["roc_auc"] = _auc(tmf.multiclass_auroc, probs, targets)
     out["pr_auc"] = _auc(tmf.multiclass_average_precision, probs, targets)
     out["log_loss"] = log_loss(probs, targets)
-    out["per_class"] = per_class(probs, targets, labels)
+    out["per_class"] = per_class(preds, targets, labels)
     out["confusion_matrix"] = tmf.multiclass_confusion_matrix(preds, targets, num_classes=c).tolist()  # rows: true
     return out
 
 
-def bootstrap_ci(probs: torch.Tensor, targets: torch.Tensor, metric: Callable[[torch.Tensor, torch.Tensor], float],
-                 n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of `metric` over samples drawn with replacement (seeded)."""
+def bootstrap_values(n: int, statistic: Callable[[torch.Tensor], float | None], n_resamples: int = 1000,
+                     seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`statistic(idx)` over `n_resamples` index draws with replacement (seeded, same draws on any
+    device); undefined values (None/NaN, e.g. AUC of a one-class resample) are dropped. Paired
+    comparisons pass a statistic that indexes both models' predictions with the same idx."""
     generator = torch.Generator().manual_seed(seed)
-    n = targets.shape[0]
     values = []
     for _ in range(n_resamples):
-        idx = torch.randint(0, n, (n,), generator=generator).to(targets.device)
-        value = metric(probs[idx], targets[idx])
+        value = statistic(torch.randint(0, n, (n,), generator=generator).to(device))
         if value is not None and not math.isnan(value):
             values.append(value)
-    sorted_values = torch.tensor(sorted(values), dtype=torch.float64)
-    lo = torch.quantile(sorted_values, alpha / 2).item()
-    hi = torch.quantile(sorted_values, 1 - alpha / 2).item()
-    return lo, hi
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def percentile_interval(values: torch.Tensor, alpha: float = 0.05) -> tuple[float, float]:
+    return torch.quantile(values, alpha / 2).item(), torch.quantile(values, 1 - alpha / 2).item()
+
+
+def bootstrap_ci(probs: torch.Tensor, targets: torch.Tensor, metric: Callable[[torch.Tensor, torch.Tensor], float],
+                 n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `metric(probs, targets)` over resampled inputs (seeded)."""
+    values = bootstrap_values(targets.shape[0], lambda idx: metric(probs[idx], targets[idx]), n_resamples, seed,
+                              targets.device)
+    return percentile_interval(values, alpha)
 
 
 def accuracy(probs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -92,3 +103,18 @@ def accuracy(probs: torch.Tensor, targets: torch.Tensor) -> float:
 def macro_f1(probs: torch.Tensor, targets: torch.Tensor) -> float:
     return float(tmf.multiclass_f1_score(probs.argmax(1), targets, num_classes=probs.shape[1], average="macro",
                                          zero_division=0))
+
+
+_AVERAGED = {"f1": tmf.multiclass_f1_score, "precision": tmf.multiclass_precision, "recall": tmf.multiclass_recall}
+
+
+def score(name: str, probs: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> float | None:
+    """One named metric (an objective.metric) of decisions `preds` and probabilities; None if undefined."""
+    if name == "accuracy":
+        return float((preds == targets).double().mean())
+    if name == "roc_auc":
+        return _auc(tmf.multiclass_auroc, probs, targets)
+    if name == "pr_auc":
+        return _auc(tmf.multiclass_average_precision, probs, targets)
+    average, kind = name.split("_", 1)  # macro_f1 -> ("macro", "f1")
+    return float(_AVERAGED[kind](preds, targets, num_classes=probs.shape[1], average=average, zero_division=0))

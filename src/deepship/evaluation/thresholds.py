@@ -114,3 +114,29 @@ def cost_threshold(p_positive: torch.Tensor, targets: torch.Tensor, cost_fp: flo
     best = int(torch.argmin(costs))  # first minimum: the lowest such threshold
     return {"threshold": float(candidates[best]), "expected_cost": float(costs[best]),
             "cost_fp": cost_fp, "cost_fn": cost_fn}
+
+
+def choose_thresholds(probs: torch.Tensor, targets: torch.Tensor, labels: Sequence[str],
+                      objective: "ObjectiveConfig", fitted_on: str) -> dict[str, Any] | None:  # noqa: F821
+    """The package's `thresholds` entry (read by deepship.runtime.predictor.decide) for the objective,
+    chosen on calibrated validation probabilities; None when the objective asks for no threshold."""
+    rule: dict[str, Any] = {"basis": None, "target": None, "min_confidence": None, "feasible": True,
+                            "per_class": None, "cost": None, "note": "", "fitted_on": fitted_on,
+                            "n": int(targets.shape[0])}
+    if objective.cost_fp is not None and objective.cost_fn is not None and len(labels) == 2:
+        cost = cost_threshold(probs[:, 1], targets, objective.cost_fp, objective.cost_fn)
+        rule.update(basis="cost", cost={**cost, "positive_label": labels[1]})
+    if objective.target_precision is not None:
+        rule.update(basis="target_precision", target=objective.target_precision)
+        if objective.per_class_thresholds:
+            chosen = per_class_thresholds(probs, targets, labels, objective.target_precision)
+            rule["per_class"] = {label: t.value for label, t in chosen.items()}
+            notes = [t.note for t in chosen.values() if not t.feasible]
+            rule.update(feasible=not notes, note="; ".join(notes))
+        else:
+            chosen_one = threshold_for_precision(probs, targets, objective.target_precision)
+            rule.update(min_confidence=chosen_one.value, feasible=chosen_one.feasible, note=chosen_one.note)
+    elif objective.target_coverage is not None:
+        chosen_one = threshold_for_coverage(probs, targets, objective.target_coverage)
+        rule.update(basis="target_coverage", target=objective.target_coverage, min_confidence=chosen_one.value)
+    return rule if rule["basis"] is not None else None

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -156,18 +157,32 @@ def build_package(run: LoadedRun, staging: Path, options: ExportOptions) -> dict
     enforce_fp32_gate(report, options.tolerance)
     parity = {"passed": True, "precision": "fp32", "gate": {"kind": "tolerance", "max_abs_diff": options.tolerance,
                                                              "min_top1_agreement": 1.0}, **report.to_dict()}
+    targets = np.array([run.classes.index(y) for y in splits.val.labels[: len(val)]])
     if options.quantize == "int8":
-        targets = np.array([run.classes.index(y) for y in splits.val.labels[: len(val)]])
         parity = quantize_package(run, staging, predictor, cases, val, targets, parity, options)
     parity |= {"onnx_checker": "passed (full_check)", "opset": options.opset, "libraries": base["libraries"]}
     write_json(staging / "parity.json", parity)
+    base |= decision_rule(Predictor.load(staging), run, val, targets)
     write_manifest(staging, base)  # final hashes cover parity.json too
     Predictor.load(staging)  # what ships must load and verify as written
     return parity
 
 
-def onnx_logits(predictor: Predictor, raw: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    return np.concatenate([predictor.predict_logits(raw[i : i + batch_size]) for i in range(0, len(raw), batch_size)])
+def decision_rule(shipped: Predictor, run: LoadedRun, val: Sequence[str], targets: np.ndarray) -> dict[str, Any]:
+    """Temperature and thresholds fitted on the validation logits of the model as it ships (int8
+    included), per the run's `objective`; the runtime applies both (deepship.runtime.predictor)."""
+    import torch
+
+    from deepship.evaluation.report import fit_decision_rule
+
+    logits = torch.from_numpy(shipped.batched_logits(val))
+    rule = fit_decision_rule(logits, torch.from_numpy(targets), run.classes, run.config.objective,
+                             fitted_on=f"val ({len(val)} samples)")
+    thresholds = rule["thresholds"]
+    if thresholds and not thresholds["feasible"]:
+        print(f"warning: {thresholds['note']} on validation; the package abstains where no threshold meets "
+              "the target (lower objective.target_precision or improve the model)", file=sys.stderr)
+    return rule
 
 
 def quantize_package(run: LoadedRun, staging: Path, fp32: Predictor, cases: Sequence[Any], val: Sequence[str],
@@ -181,7 +196,7 @@ def quantize_package(run: LoadedRun, staging: Path, fp32: Predictor, cases: Sequ
         write_manifest(staging, fp32.manifest)  # new hashes and model_version for the int8 model
         int8 = Predictor.load(staging)
         int8_parity = check_parity(run, int8, cases)  # recorded; int8 is judged by the budget below
-        val_scores = compare_on_val(torch_logits(run, val), onnx_logits(fp32, val), onnx_logits(int8, val), targets)
+        val_scores = compare_on_val(torch_logits(run, val), fp32.batched_logits(val), int8.batched_logits(val), targets)
         one = fp32.preprocess(val[:1])
         acc = val_scores["val_accuracy"]
         report = QuantizationReport(

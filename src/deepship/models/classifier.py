@@ -111,6 +111,10 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "test")
 
+    def predict_step(self, batch: Batch, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch
+        return self(**inputs).float(), targets  # (N, C) logits for the evaluation report, (N,)
+
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
         groups = layerwise_param_groups(self.net, self.layers, head_lr=o.lr, backbone_lr=o.backbone_lr or o.lr,

@@ -130,24 +130,51 @@ class Predictor:
     def predict_logits(self, inputs: Sequence[Any]) -> np.ndarray:
         return self.run(self.preprocess(inputs))
 
+    def batched_logits(self, inputs: Sequence[Any], batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
+        """Logits (N, C) for any number of inputs, `batch_size` at a time (memory stays bounded)."""
+        update = progress(len(inputs), enabled=show_progress and len(inputs) > 4 * batch_size)
+        chunks = []
+        for batch in batched(inputs, batch_size):
+            chunks.append(self.predict_logits(batch))
+            update(len(batch))
+        return np.concatenate(chunks)
+
     def predict_proba(self, inputs: Sequence[Any]) -> np.ndarray:
         return softmax(self.predict_logits(inputs), self.temperature)  # (N, C)
 
-    def abstains(self, confidence: float) -> bool:
-        # Thresholds arrive with the evaluation issue; until then a package never abstains.
-        if not self.thresholds or self.thresholds.get("min_confidence") is None:
-            return False
-        return confidence < float(self.thresholds["min_confidence"])
-
     def predict(self, inputs: Sequence[Any]) -> list[Prediction]:
         probs = self.predict_proba(inputs)
-        out = []
-        for row in probs:
-            top = int(row.argmax())
-            confidence = float(row[top])
-            out.append(Prediction(self.labels[top], confidence, dict(zip(self.labels, map(float, row))),
-                                  self.abstains(confidence)))
-        return out
+        preds, confidence, abstained = decide(probs, self.labels, self.thresholds)
+        return [Prediction(self.labels[p], float(c), dict(zip(self.labels, map(float, row))), bool(a))
+                for p, c, a, row in zip(preds, confidence, abstained, probs)]
+
+
+def decide(probs: np.ndarray, labels: Sequence[str], thresholds: dict[str, Any] | None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The package's decision rule on calibrated probs (N, C): predicted index, its confidence and
+    whether to abstain, each (N,). evaluate scores exactly this rule, so it lives once, here.
+
+    - binary cost threshold: predict the positive class (index 1) iff P(positive) >= threshold;
+    - per-class thresholds: abstain when the predicted class's confidence is below its threshold
+      (a class with none, because no confidence reached the target on validation, always abstains);
+    - otherwise a global `min_confidence`; a target that was infeasible on validation abstains on all.
+    """
+    preds = probs.argmax(1)
+    rule = thresholds or {}
+    cost = rule.get("cost")
+    if cost and probs.shape[1] == 2:
+        preds = (probs[:, 1] >= float(cost["threshold"])).astype(np.int64)
+    confidence = probs[np.arange(len(preds)), preds]
+    per_class = rule.get("per_class")
+    if per_class:
+        limits = np.array([np.inf if per_class.get(label) is None else float(per_class[label]) for label in labels])
+        abstained = confidence < limits[preds]
+    elif rule.get("min_confidence") is not None:
+        abstained = confidence < float(rule["min_confidence"])
+    else:
+        abstained = np.full(len(preds), rule.get("basis") in ("target_precision", "target_coverage")
+                            and not rule.get("feasible", True))
+    return preds, confidence, abstained
 
 
 # ------------------------------------------------------------------------- reading raw inputs

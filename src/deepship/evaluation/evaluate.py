@@ -1,0 +1,194 @@
+"""`deepship evaluate` and the report a training run writes: data -> logits -> report.json + report.html.
+
+A package is evaluated through its own torch-free runtime (preprocessing, onnxruntime, temperature,
+thresholds), so the report describes what a serving host will do; a run is evaluated from the
+PyTorch logits of best.ckpt on its validation set.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from deepship.config import Config, ObjectiveConfig, SourceConfig, apply_overrides, format_validation_error
+from deepship.errors import ConfigError, DataError
+from deepship.evaluation.html import render_html
+from deepship.evaluation.latency import measure_latency
+from deepship.evaluation.report import Decisions, build_report, comparison_section, fit_decision_rule
+from deepship.evaluation.schema import Report
+from deepship.files import atomic_write_text
+from deepship.runtime.predictor import Predictor
+
+JSON_NAME, HTML_NAME = "report.json", "report.html"
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    compare: str | None = None  # a challenger package evaluated on the same data
+    baseline: str | None = None  # "tfidf" (text only)
+    baseline_train: str | None = None  # training data for the baseline; default: the package's own
+    overrides: Sequence[str] = ()  # --set objective.KEY=VALUE
+    batch_size: int = 32
+    latency_runs: int = 100  # batch-1 timed calls; 0 skips latency (and its gate)
+    n_resamples: int = 1000  # bootstrap resamples for intervals and the paired test
+
+
+# ------------------------------------------------------------------------------------- inputs
+def package_config(predictor: Predictor) -> Config:
+    return Config.model_validate(predictor.manifest["config"], context={"skip_path_checks": True})
+
+
+def resolve_objective(objective: ObjectiveConfig, overrides: Sequence[str]) -> ObjectiveConfig:
+    """The config's objective with `--set objective.KEY=VALUE` applied, validated like a config."""
+    for item in overrides:
+        if not item.startswith("objective."):
+            raise ConfigError(f"--set {item}: evaluate takes objective.* keys only, e.g. --set objective.min=0.9")
+    raw = apply_overrides({"objective": objective.model_dump(mode="json")}, overrides)["objective"]
+    try:
+        return ObjectiveConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"--set: objective.{format_validation_error(exc, ObjectiveConfig)}") from None
+
+
+def read_labeled(path: str, cfg: Config, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Inputs and label indices from a folder or table read as the training data was read (same
+    columns, same label_map); a row the package cannot score is an error naming the row."""
+    from deepship.data.sources import read_split
+
+    source = SourceConfig.model_validate({"path": path}, context={"skip_path_checks": True})
+    samples = read_split([source], cfg.task, cfg.data)
+    if not len(samples):
+        raise DataError(f"--data {path}: holds no labeled samples")
+    index = {label: i for i, label in enumerate(labels)}
+    for x, y, origin in zip(samples.inputs, samples.labels, samples.origins):
+        if not x or (cfg.task == "image_classification" and not Path(x).is_file()):
+            raise DataError(f"{origin}: empty or missing input; fix or drop it before evaluating")
+        if y not in index:
+            raise DataError(f"{origin}: label '{y}' is not one the model knows ({sorted(index)}); fix the label, "
+                            "map it with data.label_map, or drop the row")
+    return samples.inputs, np.array([index[y] for y in samples.labels])
+
+
+def read_history(run_dir: Path | None) -> list[dict[str, Any]] | None:
+    path = run_dir / "history.csv" if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------------- sections
+def baseline_section(cfg: Config, options: EvaluateOptions, inputs: Sequence[str], targets: np.ndarray,
+                     labels: Sequence[str]) -> dict[str, Any]:
+    """TF-IDF + linear SVM trained on the package's own training split (or --baseline-train)."""
+    from deepship.data.split import load_splits
+    from deepship.evaluation.baseline import tfidf_predict
+    from deepship.evaluation.metrics import score
+
+    if cfg.task != "text_classification":
+        raise ConfigError("--baseline tfidf: is a text baseline; this package classifies images")
+    if options.baseline_train:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+            "train": [SourceConfig.model_validate({"path": options.baseline_train}, context={"skip_path_checks": True})],
+            "val": None, "test": None})})
+    try:
+        train = load_splits(cfg).train
+    except DataError as exc:
+        raise DataError(f"--baseline tfidf: cannot read the training data ({exc}); pass --baseline-train FILE") from None
+    index = {label: i for i, label in enumerate(labels)}
+    preds = torch.tensor([index.get(y, -1) for y in tfidf_predict(train.inputs, train.labels, inputs)])
+    t = torch.from_numpy(targets)
+    one_hot = torch.nn.functional.one_hot(preds.clamp(min=0), len(labels)).double()
+    return {"name": "tfidf_linear_svm", "train_samples": len(train), "accuracy": score("accuracy", one_hot, preds, t),
+            "macro_f1": score("macro_f1", one_hot, preds, t)}
+
+
+def challenger_section(predictor: Predictor, logits: torch.Tensor, targets: torch.Tensor, inputs: Sequence[str],
+                       metric: str, options: EvaluateOptions) -> dict[str, Any]:
+    challenger = Predictor.load(options.compare)
+    if challenger.labels != predictor.labels:
+        raise ConfigError(f"--compare {options.compare}: its labels {challenger.labels[:10]} differ from "
+                          f"{predictor.labels[:10]}; compare packages trained for the same classes")
+    other = torch.from_numpy(challenger.batched_logits(inputs, options.batch_size, show_progress=True))
+    champion = Decisions(logits, predictor.temperature, predictor.thresholds, predictor.labels)
+    rival = Decisions(other, challenger.temperature, challenger.thresholds, challenger.labels)
+    info = {"package": str(options.compare), "model_version": challenger.model_version}
+    return comparison_section(champion, rival, targets, metric, info, options.n_resamples)
+
+
+# ------------------------------------------------------------------------------------ commands
+def evaluate_package(package: str | Path, data: str, out: str | Path, options: EvaluateOptions = EvaluateOptions()
+                     ) -> dict[str, Any]:
+    """Evaluate a package on labeled data; writes out/report.json and out/report.html, returns the report."""
+    predictor = Predictor.load(package)
+    cfg = package_config(predictor)
+    objective = resolve_objective(cfg.objective, options.overrides)
+    if options.baseline and options.baseline != "tfidf":
+        raise ConfigError(f"--baseline {options.baseline}: unknown; choose tfidf")
+    inputs, targets_np = read_labeled(data, cfg, predictor.labels)
+    logits = torch.from_numpy(predictor.batched_logits(inputs, options.batch_size, show_progress=True))
+    targets = torch.from_numpy(targets_np)
+    manifest = predictor.manifest
+    notes = []
+    calibration = dict(manifest.get("calibration") or {})
+    if not calibration.get("temperature"):
+        calibration = {"temperature": 1.0, "fitted_on": None}
+        notes.append("the package carries no fitted temperature (exported before calibration): T = 1")
+    run_dir = Path(manifest.get("run", {}).get("dir", "")) if manifest.get("run", {}).get("dir") else None
+    report = build_report(
+        logits, targets, predictor.labels, objective, calibration=calibration, thresholds=predictor.thresholds,
+        model={"name": manifest.get("run", {}).get("name"), "task": manifest["task"], "labels": predictor.labels,
+               "model_version": predictor.model_version, "precision": manifest.get("precision"),
+               "package": str(package)},
+        data={"source": str(data), "split": "given"},
+        latency=measure_latency(predictor, inputs, runs=options.latency_runs) if options.latency_runs else None,
+        baseline=baseline_section(cfg, options, inputs, targets_np, predictor.labels) if options.baseline else None,
+        comparison=challenger_section(predictor, logits, targets, inputs, objective.metric, options)
+        if options.compare else None,
+        history=read_history(run_dir), notes=notes, n_resamples=options.n_resamples)
+    write_report(report, Path(out))
+    return report
+
+
+def write_run_report(cfg: Config, run_dir: Path, logits: torch.Tensor, targets: torch.Tensor, labels: Sequence[str],
+                     precision: str, n_resamples: int = 1000) -> dict[str, Any]:
+    """A training run's report on its validation set, with the temperature and thresholds fitted there
+    (export refits them on the exported model's own logits)."""
+    rule = fit_decision_rule(logits, targets, labels, cfg.objective, fitted_on="val")
+    report = build_report(
+        logits, targets, labels, cfg.objective, calibration=rule["calibration"], thresholds=rule["thresholds"],
+        model={"name": cfg.train.run_name, "task": cfg.task, "labels": list(labels), "model_version": None,
+               "precision": precision, "run": str(run_dir)},
+        data={"source": "validation split of the run", "split": "val"}, history=read_history(run_dir),
+        notes=["temperature and thresholds were fitted on this same validation set, so calibration and threshold "
+               "numbers here are optimistic; evaluate the exported package on held-out data for honest ones"],
+        n_resamples=n_resamples)
+    write_report(report, run_dir)
+    return report
+
+
+def finite(value: Any) -> Any:
+    """NaN/inf (an undefined loss in a history row, say) become null: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """Check the report against its schema, render, then write both files (atomically each)."""
+    text = json.dumps(finite(Report.model_validate(report).model_dump(mode="json")), indent=2, allow_nan=False) + "\n"
+    page = render_html(report)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / JSON_NAME, text)
+    atomic_write_text(out / HTML_NAME, page)
