@@ -24,12 +24,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def torch_probs(run_dir: Path, raw: list[str]) -> np.ndarray:
+def torch_probs(run_dir: Path, raw: list[str], package: Path) -> np.ndarray:
+    """PyTorch's probabilities under the package's fitted temperature (the runtime applies it)."""
     from deepship.export.onnx import torch_logits
     from deepship.run import load_run
     from deepship.runtime.predictor import softmax
 
-    return softmax(torch_logits(load_run(run_dir), raw))
+    temperature = read_json(package / "package.json")["calibration"]["temperature"]
+    return softmax(torch_logits(load_run(run_dir), raw), temperature)
 
 
 def test_script_writes_the_documented_schema_from_a_csv(text_package: Path, tmp_path: Path) -> None:
@@ -61,7 +63,7 @@ def test_text_package_matches_pytorch_on_the_same_texts(text_package: Path, tiny
                      "--batch-size", "5"]) == 0
     records = read_jsonl(out)
     assert [r["id"] for r in records] == [str(i) for i in range(len(texts))]  # id 0 kept, not replaced
-    expected = torch_probs(tiny_text_run, texts)
+    expected = torch_probs(tiny_text_run, texts, text_package)
     labels = read_json(text_package / "package.json")["labels"]
     assert [r["label"] for r in records] == [labels[i] for i in expected.argmax(1)]
     got = np.array([[r["probs"][c] for c in labels] for r in records])
@@ -82,7 +84,7 @@ def test_image_folder_matches_pytorch_on_the_same_files(image_package: Path, tin
     assert cli.main(["predict", "--package", str(image_package), "--input", str(folder), "--output", str(out)]) == 0
     records = {r["id"]: r for r in read_jsonl(out)}
     assert len(records) == 9 and "sub/00" + Path(files[0]).suffix in records
-    expected = torch_probs(tiny_image_run, [str(c) for c in copies])
+    expected = torch_probs(tiny_image_run, [str(c) for c in copies], image_package)
     labels = read_json(image_package / "package.json")["labels"]
     for copy, probs in zip(copies, expected):
         record = records[copy.relative_to(folder).as_posix()]

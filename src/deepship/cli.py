@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from deepship.errors import ConfigError, DeepshipError
+from deepship.serving.cli import add_bench_serve_options, add_serve_parser  # argparse only: cheap
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -123,6 +124,10 @@ def cmd_data_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "serve":
+        from deepship.serving.cli import cmd_bench_serve
+
+        return cmd_bench_serve(args)
     from deepship.bench import BENCHES, print_results
 
     options = {k: v for k, v in (("rows", args.rows), ("data_dir", args.data), ("epochs", args.epochs),
@@ -149,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_data_report)
 
     bench = commands.add_parser("bench", help="benchmarks: one JSON line per measurement, then a table")
-    bench.add_argument("what", choices=["data", "finetune", "export"],
+    bench.add_argument("what", choices=["data", "finetune", "export", "serve"],
                        help="data: validation of N text rows vs reading them; "
                             "finetune: strategies on rt-polarity with MiniLM vs TF-IDF; "
-                            "export: fp32 vs int8 packages of MiniLM on rt-polarity")
+                            "export: fp32 vs int8 packages of MiniLM on rt-polarity; "
+                            "serve: HTTP load test of a package on loopback, batching on vs off")
     bench.add_argument("--rows", type=int, default=None, help="data: rows to generate (default 100000)")
     bench.add_argument("--data", default=None, help="finetune: rt-polarity folder (default ../shared/data/rt-polarity)")
     bench.add_argument("--epochs", type=int, default=None, help="finetune/export: epochs (default 2)")
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=None, help="export: timed runs per model (default 200)")
     bench.add_argument("--variants", default=None, help="finetune: comma-separated subset of full,"
                                                         "freeze_then_unfreeze,layer_decay")
+    add_bench_serve_options(bench)
     bench.set_defaults(func=cmd_bench)
 
     export = commands.add_parser("export", help="export a run to an ONNX model package, gated by a parity check")
@@ -202,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--column", default=None, help="input column in a CSV/JSONL (default: text, or path for images)")
     predict.set_defaults(func=cmd_predict)
+
+    add_serve_parser(commands)
     return parser
 
 
@@ -225,3 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

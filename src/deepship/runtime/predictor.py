@@ -67,12 +67,16 @@ def verify_files(package_dir: Path, manifest: dict[str, Any]) -> None:
                                "re-export or re-copy the package")
 
 
-def build_session(model_path: Path) -> "onnxruntime.InferenceSession":  # noqa: F821
+def build_session(model_path: Path, spinning: bool = True) -> "onnxruntime.InferenceSession":  # noqa: F821
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     options.log_severity_level = 3  # quantized models warn about every folded node otherwise
+    if not spinning:
+        # Idle intra-op threads spin-wait for the next call by default: lowest latency for back-to-back
+        # calls, but a server's event loop then competes with them for the cores between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
@@ -95,7 +99,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 class Predictor:
     """A verified package: raw inputs (texts, or image paths/bytes) -> logits, probabilities, labels."""
 
-    def __init__(self, package_dir: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, package_dir: Path, manifest: dict[str, Any], spinning: bool = True) -> None:
         self.package_dir, self.manifest = package_dir, manifest
         self.labels: list[str] = list(manifest["labels"])
         self.model_version: str = manifest["model_version"]
@@ -107,15 +111,16 @@ class Predictor:
         self.text: TextPreprocessor | None = None
         if isinstance(self.spec, TextSpec):
             self.text = TextPreprocessor.from_file(package_dir / self.spec.tokenizer_file, self.spec)
-        self.session = build_session(package_dir / MODEL_FILE)
+        self.session = build_session(package_dir / MODEL_FILE, spinning)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     @classmethod
-    def load(cls, package_dir: str | Path) -> "Predictor":
+    def load(cls, package_dir: str | Path, spinning: bool = True) -> "Predictor":
+        """Verify and load; `spinning=False` for servers (see build_session)."""
         package_dir = Path(package_dir)
         manifest = read_manifest(package_dir)
         verify_files(package_dir, manifest)
-        return cls(package_dir, manifest)
+        return cls(package_dir, manifest, spinning)
 
     def preprocess(self, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
         """Texts -> token arrays; image paths or bytes -> pixel_values; named as the model's inputs."""
