@@ -53,7 +53,9 @@ def test_onnx_graph_has_named_inputs_and_dynamic_axes(text_package: Path, image_
     assert pixels.name == "pixel_values"
     dims = pixels.type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 32, 32]
-    assert [o.name for o in image.graph.output] == ["logits"]
+    assert [o.name for o in image.graph.output] == ["logits", "embeddings"]  # the head's input, for the monitor
+    embeddings = [d.dim_value for d in image.graph.output[1].type.tensor_type.shape.dim[1:]]
+    assert embeddings == [1280]  # MobileNetV2's pooled features
     onnx.checker.check_model(str(image_package / "model.onnx"), full_check=True)
 
 

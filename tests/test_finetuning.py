@@ -196,8 +196,8 @@ def test_balanced_sampler_draws_classes_equally(tmp_path: Path) -> None:
     data = ClassificationData(cfg, splits, build_backbone(cfg.task, cfg.model, cfg.data, 2))
     data.setup()
     targets = np.array([splits.classes.index(y) for y in splits.train.labels])
-    sampler = data.balanced_sampler()
-    drawn = np.bincount(np.concatenate([targets[list(sampler)] for _ in range(20)]), minlength=2)  # 20 epochs
+    sampler = data.train_dataloader().sampler  # draws are a function of (seed, epoch): one per epoch
+    drawn = np.bincount(np.concatenate([targets[list(sampler.order(epoch))] for epoch in range(20)]), minlength=2)
     share = drawn / drawn.sum()
     assert splits.train.labels.count("red") / len(splits.train) < 0.15  # the data is imbalanced
     assert abs(share[0] - 0.5) < 0.08  # the sampler is not

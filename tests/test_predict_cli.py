@@ -17,7 +17,7 @@ from deepship import cli
 from conftest import read_json, run_val_samples
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORD_KEYS = {"id", "label", "confidence", "probs", "abstained", "model_version", "latency_ms", "ts"}
+RECORD_KEYS = {"id", "label", "confidence", "probs", "abstained", "model_version", "latency_ms", "ts", "input_stats"}
 
 
 def read_jsonl(path: Path) -> list[dict]:

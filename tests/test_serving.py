@@ -513,7 +513,11 @@ def test_prediction_log_has_the_design_record_plus_input_stats(text_package: Pat
     assert [set(r) for r in records] == [RECORD_KEYS, RECORD_KEYS]
     assert [r["id"] for r in records] == [f"{answer['request_id']}:0", f"{answer['request_id']}:1"]
     assert [r["label"] for r in records] == [p["label"] for p in answer["predictions"]]
-    assert records[0]["input_stats"] == {"chars": len(POS[0]), "words": len(POS[0].split()), "truncated": False}
+    tokens = Predictor.load(text_package).input_stats([POS[0]])[0]  # the monitor's signals, as export profiled them
+    assert records[0]["input_stats"] == {"chars": len(POS[0]), "words": len(POS[0].split()), "truncated": False,
+                                         "tokens": tokens["tokens"], "unk_share": tokens["unk_share"],
+                                         "tokens_truncated": False}
+    assert tokens["tokens"] == len(POS[0].split())  # toy words are whole tokens of the tiny vocabulary
     assert records[0]["model_version"] == answer["model_version"] and records[0]["latency_ms"] > 0
 
     image_log = tmp_path / "image.jsonl"
@@ -521,8 +525,8 @@ def test_prediction_log_has_the_design_record_plus_input_stats(text_package: Pat
         white, black = solid_png((255, 255, 255)), solid_png((0, 0, 0), size=30)
         assert client.post("/v1/predict", json={"images": [b64(white), b64(black)]}).status_code == 200
     stats = [r["input_stats"] for r in read_log(image_log)]
-    assert stats == [{"width": 40, "height": 40, "bytes": len(white), "format": "PNG", "brightness": 1.0},
-                     {"width": 30, "height": 30, "bytes": len(black), "format": "PNG", "brightness": 0.0}]
+    assert stats == [{"width": 40, "height": 40, "bytes": len(white), "format": "PNG", "brightness": 1.0, "contrast": 0.0},
+                     {"width": 30, "height": 30, "bytes": len(black), "format": "PNG", "brightness": 0.0, "contrast": 0.0}]
     assert [r["input"] for r in read_log(image_log)] == [b64(white), b64(black)]  # raw inputs only with log_inputs
 
 

@@ -1,29 +1,35 @@
 """`deepship <command>`: argument parsing and the mapping of errors to exit codes.
 
 Exit codes (DESIGN.md section 3): 0 ok; 2 bad usage, config or input; 4 `evaluate` found an objective
-gate failed; 1 anything else (a failed export gate included).
+gate failed; 3 `monitor` raised an alert; 1 anything else (a failed export gate included).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from deepship.errors import ConfigError, DeepshipError
+from deepship.errors import ConfigError, DeepshipError, first_line
 from deepship.serving.cli import add_bench_serve_options, add_serve_parser  # argparse only: cheap
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from deepship.config import load_config
 
-    cfg = load_config(args.config, args.set)  # exit 2 before anything heavy is imported
+    overrides = [*args.set, "train.resume=auto"] if args.resume else args.set  # --resume: from last.ckpt if any
+    cfg = load_config(args.config, overrides)  # exit 2 before anything heavy is imported
     from deepship.training import fit  # torch, lightning: imported only once the config is good
 
     run_dir = fit(cfg)
+    from deepship.training import is_launch_rank_zero
+
+    if not is_launch_rank_zero():
+        return 0  # other ranks of a multi-process run: rank 0 reports
     metrics = json.loads((run_dir / "metrics.json").read_text())
     summary = " ".join(f"{k}={v:.4f}" for k, v in metrics["val"].items())
     print(f"run directory: {run_dir}")
@@ -65,6 +71,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             with open(tmp, "w", encoding="utf-8") as out:
                 count = predict_file(args.package, args.input, out, args.batch_size, args.column)
             os.replace(tmp, output)
+        except OSError as exc:
+            if exc.filename == str(tmp):  # name the file the user asked for, not our temp file
+                raise OSError(exc.errno, exc.strerror, str(output)) from exc
+            raise
         finally:
             tmp.unlink(missing_ok=True)
     print(f"{count} predictions written to {args.output or 'stdout'}", file=sys.stderr)
@@ -105,6 +115,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_GATE_FAILED if verdict["passed"] is False else 0
 
 
+EXIT_ALERT = 3
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from deepship.monitoring.html import HTML_NAME, JSON_NAME
+    from deepship.monitoring.monitor import monitor_settings, run_monitor
+    from deepship.runtime.predictor import Predictor
+
+    cfg = monitor_settings(Predictor.load(args.package), args.config, args.set)  # settings fail before any reading
+    report = run_monitor(args.package, args.current, args.out, cfg, args.labels)
+    s = report["summary"]
+    alerting = f": {', '.join(s['signals_alerting'])}" if s["alerting_windows"] else ""
+    print(f"{report['current']['n']} predictions in {s['windows']} windows ({s['insufficient_windows']} too small "
+          f"to judge); {s['alerting_windows']} alerting{alerting}")
+    print(f"report: {Path(args.out) / JSON_NAME} and {Path(args.out) / HTML_NAME}")
+    return EXIT_ALERT if s["alerting_windows"] else 0
+
+
 def cmd_data_report(args: argparse.Namespace) -> int:
     from deepship.config import load_config
 
@@ -132,7 +160,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in (("rows", args.rows), ("data_dir", args.data), ("epochs", args.epochs),
                                  ("variants", args.variants), ("out_dir", args.out),
-                                 ("train_samples", args.train_samples), ("runs", args.runs)) if v is not None}
+                                 ("train_samples", args.train_samples), ("runs", args.runs),
+                                 ("package", args.package if args.what == "monitor" else None)) if v is not None}
+    if args.what == "monitor" and not args.package:
+        raise ConfigError("bench monitor: --package is required; give a folder written by `deepship export`")
     print_results(BENCHES[args.what](**options))
     return 0
 
@@ -145,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart_text.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the run's last.ckpt when there is one (same as --set train.resume=auto)")
     train.set_defaults(func=cmd_train)
 
     report = commands.add_parser("data-report", help="validate a config's data and write the data report")
@@ -154,12 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_data_report)
 
     bench = commands.add_parser("bench", help="benchmarks: one JSON line per measurement, then a table")
-    bench.add_argument("what", choices=["data", "finetune", "export", "serve"],
+    bench.add_argument("what", choices=["data", "finetune", "export", "serve", "monitor"],
                        help="data: validation of N text rows vs reading them; "
                             "finetune: strategies on rt-polarity with MiniLM vs TF-IDF; "
                             "export: fp32 vs int8 packages of MiniLM on rt-polarity; "
-                            "serve: HTTP load test of a package on loopback, batching on vs off")
-    bench.add_argument("--rows", type=int, default=None, help="data: rows to generate (default 100000)")
+                            "serve: HTTP load test of a package on loopback, batching on vs off; "
+                            "monitor: monitor a 1M-line prediction log of --package")
+    bench.add_argument("--rows", type=int, default=None,
+                       help="data: rows to generate (default 100000); monitor: log lines (default 1000000)")
     bench.add_argument("--data", default=None, help="finetune: rt-polarity folder (default ../shared/data/rt-polarity)")
     bench.add_argument("--epochs", type=int, default=None, help="finetune/export: epochs (default 2)")
     bench.add_argument("--out", default=None, help="finetune/export: work folder (default checkpoints/bench-*)")
@@ -211,28 +246,70 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     add_serve_parser(commands)
+
+    monitor = commands.add_parser("monitor", help="drift and performance per window of a prediction log or dataset; "
+                                                 "exit 3 on an alert")
+    monitor.add_argument("--package", required=True, help="the model package that made (or will make) the predictions")
+    monitor.add_argument("--current", required=True,
+                         help="a prediction log (serve --log, JSONL) or a dataset to predict on the fly")
+    monitor.add_argument("--out", required=True, help="folder for monitor.json and monitor.html")
+    monitor.add_argument("--labels", default=None, help="CSV/JSONL with id,label: joins true labels by prediction id")
+    monitor.add_argument("--config", default=None, help="YAML with a monitor: section (default: the package's config)")
+    monitor.add_argument("--set", action="append", default=[], metavar="monitor.KEY=VALUE",
+                         help="override a monitor setting, e.g. --set monitor.window=1d (repeatable)")
+    monitor.set_defaults(func=cmd_monitor)
     return parser
+
+
+# OSErrors about a path the user gave (exit 2) vs the machine running out of room (exit 1).
+BAD_PATH_ERRNOS = {errno.ENOENT: "not found", errno.EISDIR: "is a directory, expected a file",
+                   errno.ENOTDIR: "is not a directory", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def describe_os_error(exc: OSError) -> tuple[str, int]:
+    """One line and an exit code for a file-system error that escaped the commands' own checks."""
+    where = exc.filename or "a file"
+    if exc.errno in FULL_DISK_ERRNOS:
+        return f"{where}: disk full ({exc.strerror}); free space or write to another disk, then rerun", 1
+    if exc.errno in BAD_PATH_ERRNOS:
+        return f"{where}: {BAD_PATH_ERRNOS[exc.errno]}; check the path", 2
+    return f"{where}: {exc.strerror or first_line(exc)} (rerun with --debug for the traceback)", 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # usage errors exit 2
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(argv)  # usage errors exit 2
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except DeepshipError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {first_line(exc, 2000)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if debug:
+            raise
+        message, code = describe_os_error(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return code
+    except ModuleNotFoundError as exc:  # e.g. `evaluate`/`monitor` on a torch-free serving install
+        if debug:
+            raise
+        print(f"error: deepship {args.command} needs the '{exc.name}' package, which this install lacks; "
+              "pip install \"deepship[train]\"", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {first_line(exc, 500)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -180,6 +180,21 @@ class TrainConfig(_Section):
     out_dir: str = "checkpoints"
     run_name: str = "run"
     overwrite: bool = Field(False, description="replace an existing run directory")
+    checkpoint_every_n_steps: int | None = Field(None, ge=1, description="also write last.ckpt every N optimizer "
+                                                                         "steps (mid-epoch); null = epoch ends only")
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/Inf training loss: stop with an error, "
+                                                                   "or skip that batch's update")
+    devices: int | Literal["auto"] | list[int] = Field(1, description="devices per node (Lightning `devices`)")
+    num_nodes: int = Field(1, ge=1, description="machines (Lightning `num_nodes`)")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="auto: one device; ddp / fsdp: "
+                                                                         "torch.distributed through Lightning")
+
+    @field_validator("devices")
+    @classmethod
+    def _some_devices(cls, value: int | str | list[int]) -> int | str | list[int]:
+        if value == [] or (isinstance(value, int) and value < 1):
+            raise ValueError("give a device count >= 1, 'auto', or a list of device indices")
+        return value
 
     @field_validator("run_name")
     @classmethod
@@ -218,6 +233,33 @@ class ObjectiveConfig(_Section):
         return self
 
 
+WINDOW_PATTERN = r"[1-9][0-9]*[smhd]"
+
+
+class MonitorConfig(_Section):
+    """How `monitor` cuts the current data into windows and when a window alerts (exit 3)."""
+
+    window: int | str = Field(1000, description="inputs per window, or a duration: 30m, 6h, 1d (needs ts)")
+    min_window: int = Field(100, ge=10, description="smaller windows are reported but never alert")
+    alpha: float = Field(0.01, gt=0.0, lt=0.5, description="family-wise false-alarm rate per window (Holm)")
+    psi_limit: float = Field(0.1, gt=0.0, description="drift must also be this large (PSI) to alert")
+    limits: dict[str, float] = Field(default_factory=dict, description="per-signal effect limits, e.g. {confidence: 0.2}")
+    max_accuracy_drop: float = Field(0.05, ge=0.0, le=1.0,
+                                     description="with labels: alert when accuracy's CI is below reference - this")
+    embeddings: bool = Field(True, description="MMD on penultimate embeddings when the current data has them")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("a count window must be at least 1")
+            return value
+        if not re.fullmatch(WINDOW_PATTERN, value):
+            raise ValueError(f"'{value}' is neither a count nor a duration like 30m, 6h or 1d")
+        return value
+
+
 class Config(_Section):
     task: Task
     data: DataConfig
@@ -225,6 +267,7 @@ class Config(_Section):
     finetune: FinetuneConfig = FinetuneConfig()
     train: TrainConfig = TrainConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -298,6 +341,8 @@ def _section_for(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel]:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, override and validate a YAML config; any problem raises ConfigError (exit 2)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a directory; pass a YAML file such as configs/quickstart_text.yaml")
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found; pass a YAML file such as configs/quickstart_text.yaml")
     try:

@@ -31,3 +31,21 @@ class ExportError(DeepshipError):
     """Export failed its parity gate or accuracy budget; no package was written (exit 1)."""
 
     exit_code = 1
+
+
+class TrainingError(DeepshipError):
+    """Training cannot go on: a non-finite loss, or weights that must not be checkpointed (exit 1)."""
+
+    exit_code = 1
+
+
+class Preempted(DeepshipError):
+    """SIGTERM (a scheduler's preemption notice): last.ckpt was written, resume continues (exit 143 = 128 + 15)."""
+
+    exit_code = 143
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: libraries (onnxruntime, torch) raise multi-line messages."""
+    text = str(exc).strip()
+    return (text.splitlines()[0][:limit] if text else "") or type(exc).__name__

@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import csv
+import os
+import random
 import shutil
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from deepship.config import Config
 from deepship.data.datamodule import ClassificationData
 from deepship.data.report import write_data_report
 from deepship.data.split import DataValidationError, Splits, load_validated
 from deepship.data.text import TextDataset, count_truncated
-from deepship.errors import ConfigError, DataError
+from deepship.errors import ConfigError, DataError, Preempted, TrainingError
 from deepship.evaluation.evaluate import write_run_report
-from deepship.files import write_json
+from deepship.files import atomic_write, remove_temp_files, write_json
 from deepship.models.backbones import build_backbone, load_text_tokenizer
 from deepship.models.classifier import ClassifierModule
 from deepship.models.finetuning import FinetuningStrategy
-from deepship.run import build_module, loss_settings, write_run_files
+from deepship.run import build_module, load_checkpoint_file, loss_settings, write_run_files
 from deepship.runtime.preprocess import TextPreprocessor
 
 MONITOR = "val/macro_f1"
@@ -34,6 +40,81 @@ FINISHED_RUN_FILES = ("best.ckpt", "last.ckpt", "metrics.json")
 # We write config.yaml and labels.json into the run directory before Lightning's checkpoints.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "time_s"]
+# Our train sampler carries its own position (ClassificationData.state_dict), which Lightning cannot see.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+# Test hooks for the crash tests (tests/test_reliability.py); unset in normal use.
+KILL_AT_STEP_ENV = "DEEPSHIP_TEST_KILL_AT_STEP"  # SIGKILL this process once this many optimizer steps are done
+KILL_IN_SAVE_ENV = "DEEPSHIP_TEST_KILL_IN_SAVE"  # SIGKILL inside the Nth checkpoint save, temp file written
+
+
+def test_hook(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def nonfinite_weights(checkpoint: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors with NaN/Inf in the weights a checkpoint would carry."""
+    bad = []
+    for key in ("state_dict", "current_model_state"):  # the latter: raw weights when EMA swapped its average in
+        for name, value in (checkpoint.get(key) or {}).items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+    return bad
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Every checkpoint appears whole or not at all (temp file, fsync, os.replace), is refused when its weights
+    are not finite, and loads weights-only, so a crafted file cannot run code."""
+
+    def __init__(self) -> None:
+        self.saves = 0
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        bad = nonfinite_weights(checkpoint)
+        if bad:
+            raise TrainingError(f"{path}: not written: non-finite weights in {bad[:3]}; the previous checkpoint "
+                                "is kept; lower train.lr or check the data")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.saves += 1
+        atomic_write(path, self._writer(checkpoint))
+
+    def _writer(self, checkpoint: dict[str, Any]) -> Callable[[IO[bytes]], None]:
+        def write(f: IO[bytes]) -> None:
+            torch.save(checkpoint, f)
+            if test_hook(KILL_IN_SAVE_ENV) == self.saves:
+                f.flush()
+                kill_self()  # as if preempted mid-save: a complete temp file, not yet renamed
+
+        return write
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint_file(path, map_location="cpu")
+
+
+# ------------------------------------------------------------------------------------- RNG states
+def collect_rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors and plain values (weights-only loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # ---------------------------------------------------------------------------------- callbacks
@@ -83,7 +164,73 @@ class ThroughputCallback(Callback):
         self.seconds = time.perf_counter() - self._t0
 
 
+class RngState(Callback):
+    """Checkpoints carry the RNG states; a resumed run restores them as training starts (after Lightning has
+    built its iterators), so dropout and MixUp/CutMix draws continue as if never interrupted."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return collect_rng_states()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._pending is not None:
+            restore_rng_states(self._pending)
+            self._pending = None
+
+
+class SaveOnSigterm(Callback):
+    """SIGTERM (a scheduler's preemption notice): Lightning finishes the current batch and raises
+    SIGTERMException; we write last.ckpt first. Listed after EMA so the checkpoint includes this step's average."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.saved_step = path, -1
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)  # every rank calls it (FSDP gathers); rank 0 writes
+            self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm:
+            self._save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):  # e.g. the signal came during validation
+            self._save(trainer)
+
+
+class FaultInjection(Callback):
+    """Test hook: SIGKILL at a chosen step, after the step checkpoints before it were written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            kill_self()
+
+
 # ------------------------------------------------------------------------------------ helpers
+def is_launch_rank_zero() -> bool:
+    """Before a Trainer exists: is this the process that writes the run directory? torchrun sets RANK, SLURM
+    SLURM_PROCID, and Lightning's own launcher NODE_RANK/LOCAL_RANK for the processes it starts."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def release_process_group() -> None:
+    """After a multi-process fit, rank 0 evaluates alone: torchmetrics would otherwise wait for the other ranks."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def resolve_precision(cfg: Config) -> str:
     """auto: bf16-mixed on CUDA with bf16, 16-mixed on older CUDA, full fp32 on CPU."""
     requested, accelerator = cfg.train.precision, cfg.train.accelerator
@@ -200,20 +347,35 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     last = ModelCheckpoint(dirpath=run_dir, filename="last", save_top_k=1, save_last=False,
                            enable_version_counter=False)
     f = cfg.finetune
-    callbacks: list[Callback] = [best, last, FinetuningStrategy(f.strategy, f.unfreeze_epoch, f.unfreeze_every)]
+    callbacks: list[Callback] = [best, last, FinetuningStrategy(f.strategy, f.unfreeze_epoch, f.unfreeze_every),
+                                 RngState()]
+    if cfg.train.checkpoint_every_n_steps is not None:
+        # Same file as `last`: a preempted long epoch loses at most N steps.
+        callbacks.append(ModelCheckpoint(dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False,
+                                         every_n_train_steps=cfg.train.checkpoint_every_n_steps))
     if f.ema_decay is not None:
         # Validation and checkpoints (best.ckpt, hence export) use the EMA weights; last.ckpt keeps both.
         callbacks.append(EMAWeightAveraging(decay=f.ema_decay))
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience))
+    callbacks.append(SaveOnSigterm(run_dir / "last.ckpt"))
+    kill_step = test_hook(KILL_AT_STEP_ENV)
+    if kill_step is not None:
+        callbacks.append(FaultInjection(kill_step))
     return callbacks
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_per_epoch: int) -> L.Trainer:
     callbacks = [*build_callbacks(cfg, run_dir), *callbacks]
+    t = cfg.train
     return L.Trainer(
-        accelerator=cfg.train.accelerator,
-        devices=1,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        # ClassificationData shards by rank itself (exact global batches, unpadded evaluation)
+        use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],
         precision=resolve_precision(cfg),
         max_epochs=cfg.train.max_epochs,
         gradient_clip_val=cfg.train.grad_clip,
@@ -240,7 +402,7 @@ def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationDat
     if "test" in data.datasets:
         test = evaluator.test(module, datamodule=data, ckpt_path=best_path, verbose=False)[0]
         metrics["test"] = strip_stage(test, "test")
-    metrics["best_epoch"] = int(torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]) + 1
+    metrics["best_epoch"] = int(load_checkpoint_file(best_path)["epoch"]) + 1
     return metrics
 
 
@@ -249,38 +411,58 @@ def val_logits(cfg: Config, module: ClassifierModule, data: ClassificationData, 
     """best.ckpt's validation logits (N, C) and targets (N,), on the training device, for report.json."""
     evaluator = L.Trainer(accelerator=cfg.train.accelerator, devices=1, precision=resolve_precision(cfg), logger=False,
                           enable_checkpointing=False, enable_model_summary=False, callbacks=[], enable_progress_bar=False)
+    data.trainer = evaluator  # one process: the whole val set, whatever the fit Trainer's world size was
     outputs = evaluator.predict(module, dataloaders=data.val_dataloader(), ckpt_path=best_path)
     return torch.cat([o[0].cpu() for o in outputs]), torch.cat([o[1].cpu() for o in outputs])
 
 
 # ---------------------------------------------------------------------------------------- fit
+def fit_or_preempt(trainer: L.Trainer, module: ClassifierModule, data: ClassificationData, resume: Path | None,
+                   run_dir: Path) -> None:
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
+    except SIGTERMException:
+        raise Preempted(f"stopped by SIGTERM at global step {trainer.global_step}; {run_dir / 'last.ckpt'} holds "
+                        "the state; run the same command with --resume (or train.resume=auto) to continue") from None
+
+
 def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
-    """Train per `cfg`, write the run directory, return its path."""
+    """Train per `cfg`, write the run directory, return its path. With several processes every rank runs
+    this; only rank 0 writes files and evaluates."""
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read once, when cuBLAS first initializes
     check_loggers(cfg)
     resume = resume_checkpoint(cfg)
-    run_dir = prepare_run_dir(cfg, resuming=resume is not None)
+    writer = is_launch_rank_zero()
+    run_dir = prepare_run_dir(cfg, resuming=resume is not None or not writer)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     splits, report = validate_data(cfg, run_dir)  # all data errors surface before a model is built
     backbone = build_backbone(cfg.task, cfg.model, cfg.data, len(splits.classes))
-    if resume is None:
-        reset_run_dir(run_dir)  # a replaced run goes only once everything before this succeeded
-    write_run_files(cfg, run_dir, splits.classes, backbone)
+    if writer:
+        if resume is None:
+            reset_run_dir(run_dir)  # a replaced run goes only once everything before this succeeded
+        remove_temp_files(run_dir)  # what a killed save left; never read
+        write_run_files(cfg, run_dir, splits.classes, backbone)
 
     data = ClassificationData(cfg, splits, backbone)
     data.setup("fit")
     for name, dataset in data.datasets.items():
         if isinstance(dataset, TextDataset):  # counted while tokenizing, once
             record_truncation(report, name, dataset.truncated, backbone.preprocessing.max_length)
-    write_data_report(report, run_dir)
-    for warning in report["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
+    if writer:
+        write_data_report(report, run_dir)
+        for warning in report["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     module = build_module(cfg, backbone, splits.classes, loss_settings(cfg, splits.classes, splits.train.labels),
                           report["fingerprint"])
     throughput = ThroughputCallback()
     steps = -(-len(splits.train) // cfg.train.batch_size)
     trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput, *extra_callbacks],
                             steps)
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    fit_or_preempt(trainer, module, data, resume, run_dir)
+    if not trainer.is_global_zero:
+        return run_dir
+    release_process_group()
 
     metrics = evaluate_best(cfg, module, data, trainer.checkpoint_callback.best_model_path)
     metrics.update({

@@ -17,7 +17,7 @@ import torch
 
 from deepship.errors import ExportError
 from deepship.run import LoadedRun
-from deepship.runtime.predictor import Predictor
+from deepship.runtime.predictor import EMBEDDINGS_OUTPUT, Predictor
 
 BATCH_SIZES = (1, 7, 32)
 OUTPUT_NAME = "logits"
@@ -54,16 +54,39 @@ def export_onnx(run: LoadedRun, example_raw: Sequence[str], path: Path, opset: i
     """Write the net as ONNX: named inputs, `logits` out, dynamic batch (and, for text, sequence) axes."""
     example = training_inputs(run, example_raw)  # ordered as the net's forward signature
     axes = {0: "batch", 1: "sequence"} if run.backbone.modality == "text" else {0: "batch"}
-    dynamic = {name: axes for name in example} | {OUTPUT_NAME: {0: "batch"}}
-    net = run.module.net.eval()
-    with warnings.catch_warnings(), torch.inference_mode():
-        # The TorchScript exporter handles dynamic_axes for HF encoders reliably; its tracer warnings
-        # about shape-dependent branches are real risks, and the parity gate is what checks them.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (), str(path), kwargs=example, input_names=list(example),
-                          output_names=[OUTPUT_NAME], dynamic_axes=dynamic, opset_version=opset,
-                          do_constant_folding=True, dynamo=False)
+    dynamic = {name: axes for name in example} | {OUTPUT_NAME: {0: "batch"}, EMBEDDINGS_OUTPUT: {0: "batch"}}
+    net = WithEmbeddings(run.module.net.eval(), list(example))
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            # The TorchScript exporter handles dynamic_axes for HF encoders reliably; its tracer warnings
+            # about shape-dependent branches are real risks, and the parity gate is what checks them.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, tuple(example.values()), str(path), input_names=list(example),
+                              output_names=[OUTPUT_NAME, EMBEDDINGS_OUTPUT], dynamic_axes=dynamic, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
+    finally:
+        net.detach()
     check_onnx(path)
+
+
+class WithEmbeddings(torch.nn.Module):
+    """net -> (logits (N, C), embeddings (N, D)): the embeddings are the input of the net's last Linear
+    (the classification head), captured by a forward pre-hook, so no backbone needs a special path."""
+
+    def __init__(self, net: torch.nn.Module, input_names: Sequence[str]) -> None:
+        super().__init__()
+        self.net, self.input_names, self.captured = net, list(input_names), []
+        head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        self.handle = head.register_forward_pre_hook(lambda module, args: self.captured.append(args[0]))
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positional for the tracer, named for the net (whose signatures differ by modality)
+        self.captured.clear()
+        logits = self.net(**dict(zip(self.input_names, inputs)))
+        return logits, self.captured[-1].flatten(1)
+
+    def detach(self) -> None:
+        self.handle.remove()  # the run's module goes back to plain logits
 
 
 def check_onnx(path: Path) -> None:

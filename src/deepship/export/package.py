@@ -162,27 +162,47 @@ def build_package(run: LoadedRun, staging: Path, options: ExportOptions) -> dict
         parity = quantize_package(run, staging, predictor, cases, val, targets, parity, options)
     parity |= {"onnx_checker": "passed (full_check)", "opset": options.opset, "libraries": base["libraries"]}
     write_json(staging / "parity.json", parity)
-    base |= decision_rule(Predictor.load(staging), run, val, targets)
-    write_manifest(staging, base)  # final hashes cover parity.json too
+    shipped = Predictor.load(staging)
+    logits, embeddings = shipped.logits_and_embeddings(val)  # the model as it ships (int8 included)
+    base |= decision_rule(logits, run, targets)
+    base["reference"] = reference_profile(staging, shipped, val, targets, logits, embeddings, base)
+    write_manifest(staging, base)  # final hashes cover parity.json and the reference embeddings too
     Predictor.load(staging)  # what ships must load and verify as written
     return parity
 
 
-def decision_rule(shipped: Predictor, run: LoadedRun, val: Sequence[str], targets: np.ndarray) -> dict[str, Any]:
-    """Temperature and thresholds fitted on the validation logits of the model as it ships (int8
-    included), per the run's `objective`; the runtime applies both (deepship.runtime.predictor)."""
+def decision_rule(logits: np.ndarray, run: LoadedRun, targets: np.ndarray) -> dict[str, Any]:
+    """Temperature and thresholds fitted on the validation logits of the model as it ships, per the
+    run's `objective`; the runtime applies both (deepship.runtime.predictor)."""
     import torch
 
     from deepship.evaluation.report import fit_decision_rule
 
-    logits = torch.from_numpy(shipped.batched_logits(val))
-    rule = fit_decision_rule(logits, torch.from_numpy(targets), run.classes, run.config.objective,
-                             fitted_on=f"val ({len(val)} samples)")
+    rule = fit_decision_rule(torch.from_numpy(logits), torch.from_numpy(targets), run.classes, run.config.objective,
+                             fitted_on=f"val ({len(targets)} samples)")
     thresholds = rule["thresholds"]
     if thresholds and not thresholds["feasible"]:
         print(f"warning: {thresholds['note']} on validation; the package abstains where no threshold meets "
               "the target (lower objective.target_precision or improve the model)", file=sys.stderr)
     return rule
+
+
+def reference_profile(staging: Path, shipped: Predictor, val: Sequence[str], targets: np.ndarray, logits: np.ndarray,
+                      embeddings: np.ndarray | None, base: dict[str, Any]) -> dict[str, Any]:
+    """What `monitor` compares production with: the validation set through the shipped model and its
+    decision rule (deepship.monitoring.reference)."""
+    from deepship.monitoring.reference import build_profile, stats_columns, write_embeddings
+    from deepship.runtime.predictor import decide, softmax
+    from deepship.runtime.stats import IMAGE_SIGNALS, TEXT_SIGNALS
+
+    probs = softmax(logits, base["calibration"]["temperature"])
+    preds, confidence, _ = decide(probs, base["labels"], base["thresholds"])
+    names = TEXT_SIGNALS if shipped.modality == "text" else IMAGE_SIGNALS
+    stats = stats_columns(shipped.input_stats(val), names)
+    profile = build_profile(base["labels"], preds, confidence, targets, stats, source=f"val ({len(val)} samples)")
+    if embeddings is not None:
+        profile["embeddings"] = write_embeddings(staging, embeddings)
+    return profile
 
 
 def quantize_package(run: LoadedRun, staging: Path, fp32: Predictor, cases: Sequence[Any], val: Sequence[str],

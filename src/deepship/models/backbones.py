@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deepship.config import DataConfig, ModelConfig, Task
-from deepship.errors import ConfigError
+from deepship.errors import ConfigError, first_line
 from deepship.runtime.preprocess import ImageSpec, TextSpec
 
 MINILM_ALIAS = "all-MiniLM-L6-v2"
@@ -62,14 +62,20 @@ def _download_timeout(seconds: float):
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """Weights from safetensors or a torch state_dict; never unpickles arbitrary objects."""
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ConfigError(f"model.pretrained: '{path}' is not a readable safetensors file "
+                              f"({first_line(exc, 160)}); re-save it with safetensors.torch.save_file") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError and friends
-        raise ConfigError(f"model.pretrained: cannot load '{path}' as a weights-only state_dict ({exc}); "
-                          "save it with torch.save(model.state_dict(), path) or as .safetensors") from None
+    except Exception as exc:  # pickle.UnpicklingError and friends: weights-only never runs pickled code
+        raise ConfigError(f"model.pretrained: cannot load '{path}' as a weights-only state_dict "
+                          f"({first_line(exc, 160)}); save it with torch.save(model.state_dict(), path) "
+                          "or as .safetensors") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ConfigError(f"model.pretrained: '{path}' holds no state_dict")

@@ -7,10 +7,12 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from deepship.errors import TrainingError
 from deepship.models.finetuning import build_scheduler, layerwise_param_groups
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # (named inputs, targets (N,))
@@ -57,7 +59,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(self, net: nn.Module, num_classes: int, layers: Sequence[nn.Module] = (),
                  optim: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
                  channels_last: bool = False, compile: bool = False,
-                 run_info: dict[str, Any] | None = None) -> None:
+                 run_info: dict[str, Any] | None = None, nonfinite: str = "stop") -> None:
         super().__init__()
         # run_info (resolved config, labels, preprocessing) makes every checkpoint self-describing.
         self.save_hyperparameters(ignore=["net", "layers"])
@@ -75,6 +77,7 @@ class ClassifierModule(L.LightningModule):
         })
         # ModuleDict keys can be neither "/" paths nor Module attributes such as "train".
         self.metrics = nn.ModuleDict({f"{s}_metrics": metrics.clone(prefix=f"{s}/") for s in STAGES})
+        self.skipped_steps = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
 
     def configure_model(self) -> None:
         # nn.Module.compile() compiles in place: state_dict keys stay free of "_orig_mod.".
@@ -86,7 +89,7 @@ class ClassifierModule(L.LightningModule):
             inputs["pixel_values"] = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
         return self.net(**inputs)  # (N, C)
 
-    def model_step(self, batch: Batch, stage: str) -> torch.Tensor:
+    def model_step(self, batch: Batch, stage: str, batch_idx: int = 0) -> torch.Tensor | None:
         inputs, targets = batch
         hard = targets
         if stage == "train" and self.mixer is not None:
@@ -95,15 +98,33 @@ class ClassifierModule(L.LightningModule):
             hard = targets.argmax(1) if targets.ndim == 2 else targets
         logits = self(**inputs)  # (N, C)
         loss = self.loss_fn(logits.float(), targets)  # targets: (N,) indices or (N, C) mixed probabilities
+        if stage == "train" and not self.check_finite(loss, batch_idx):
+            return None  # Lightning skips backward and the optimizer step for this batch
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits.detach(), hard)
         n = hard.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
+        # sync_dist: with several processes the logged loss is the mean over all ranks (torchmetrics syncs itself)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n,
+                 sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
         return loss
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self.model_step(batch, "train")
+    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
+        """NaN/Inf loss: stop (TrainingError, before any backward or checkpoint) or skip the batch.
+        Every rank decides together, or DDP would hang on a gradient all-reduce that one rank skipped."""
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if finite:
+            return True
+        where = f"global step {self.trainer.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.hparams.nonfinite == "skip":
+            self.skipped_steps += 1
+            rank_zero_warn(f"train: non-finite loss at {where}; batch skipped (train.nonfinite=skip)")
+            return False
+        raise TrainingError(f"train: non-finite loss ({loss.item()}) at {where}; nothing was updated or saved "
+                            "after it; lower train.lr, check the data, or set train.nonfinite=skip")
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        return self.model_step(batch, "train", batch_idx)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self.model_step(batch, "val")

@@ -107,6 +107,15 @@ class FinetuningStrategy(BaseFinetuning):
         n = frozen_layer_count(self.strategy, epoch, len(layers), self.unfreeze_epoch, self.unfreeze_every)
         set_frozen(layers, n, training)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # BaseFinetuning would put back its epoch-0 snapshot of the param groups in on_fit_start, clobbering
+        # the learning rates the optimizer state just restored; ours never change, so nothing to restore.
+        pass
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start: set the frozen set for the current epoch here.
+        self._apply(pl_module, trainer.current_epoch, training=True)
+
     def freeze_before_training(self, pl_module: Any) -> None:
         self._apply(pl_module, 0, training=False)
 

@@ -21,12 +21,20 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 import numpy as np
 
 from deepship.errors import DataError, PackageError
-from deepship.runtime.preprocess import IMAGE_EXTENSIONS, ImageSpec, TextPreprocessor, TextSpec, preprocess_images
+from deepship.runtime.preprocess import (
+    IMAGE_EXTENSIONS,
+    ImageSpec,
+    TextPreprocessor,
+    TextSpec,
+    load_image,
+    preprocess_images,
+)
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MANIFEST = "package.json"
 MODEL_FILE = "model.onnx"
+EMBEDDINGS_OUTPUT = "embeddings"
 
 
 # ------------------------------------------------------------------------------------- package
@@ -77,7 +85,11 @@ def build_session(model_path: Path, spinning: bool = True) -> "onnxruntime.Infer
         # Idle intra-op threads spin-wait for the next call by default: lowest latency for back-to-back
         # calls, but a server's event loop then competes with them for the cores between calls.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad models
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PackageError(f"{model_path}: onnxruntime cannot load it ({message[:300]}); re-export the package") from None
 
 
 # ----------------------------------------------------------------------------------- predictor
@@ -113,6 +125,8 @@ class Predictor:
             self.text = TextPreprocessor.from_file(package_dir / self.spec.tokenizer_file, self.spec)
         self.session = build_session(package_dir / MODEL_FILE, spinning)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        # Packages from export carry the head's input as a second output, for embedding drift.
+        self.has_embeddings = EMBEDDINGS_OUTPUT in [o.name for o in self.session.get_outputs()]
 
     @classmethod
     def load(cls, package_dir: str | Path, spinning: bool = True) -> "Predictor":
@@ -134,6 +148,29 @@ class Predictor:
 
     def predict_logits(self, inputs: Sequence[Any]) -> np.ndarray:
         return self.run(self.preprocess(inputs))
+
+    def logits_and_embeddings(self, inputs: Sequence[Any], batch_size: int = 32,
+                              show_progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, C) and, when the model exports them, penultimate embeddings (N, D)."""
+        if not self.has_embeddings:
+            return self.batched_logits(inputs, batch_size, show_progress), None
+        update = progress(len(inputs), enabled=show_progress and len(inputs) > 4 * batch_size)
+        logits, embeddings = [], []
+        for batch in batched(inputs, batch_size):
+            arrays = self.preprocess(batch)
+            out = self.session.run(["logits", EMBEDDINGS_OUTPUT], {name: arrays[name] for name in self.input_names})
+            logits.append(out[0])
+            embeddings.append(out[1])
+            update(len(batch))
+        return np.concatenate(logits), np.concatenate(embeddings)
+
+    def input_stats(self, inputs: Sequence[Any]) -> list[dict[str, Any]]:
+        """deepship.runtime.stats of raw inputs (texts, or image paths/bytes)."""
+        from deepship.runtime.stats import image_stats, text_stats
+
+        if self.text is not None:
+            return text_stats(self.text, [str(t) for t in inputs])
+        return [image_stats(load_image(x)) for x in inputs]
 
     def batched_logits(self, inputs: Sequence[Any], batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
         """Logits (N, C) for any number of inputs, `batch_size` at a time (memory stays bounded)."""
@@ -280,10 +317,11 @@ def prediction_records(predictor: Predictor, items: Sequence[tuple[str, str]], b
         predictions = predictor.predict([x for _, x in batch])
         latency_ms = (time.perf_counter() - start) * 1000 / len(batch)
         ts = datetime.now(timezone.utc).isoformat()
-        for (item_id, _), p in zip(batch, predictions):
+        stats = predictor.input_stats([x for _, x in batch])  # what `monitor` compares with the reference
+        for (item_id, _), p, s in zip(batch, predictions, stats):
             yield {"id": item_id, "label": p.label, "confidence": p.confidence, "probs": p.probs,
                    "abstained": p.abstained, "model_version": predictor.model_version,
-                   "latency_ms": round(latency_ms, 3), "ts": ts}
+                   "latency_ms": round(latency_ms, 3), "ts": ts, "input_stats": s}
         update(len(batch))
 
 

