@@ -385,6 +385,10 @@ def test_two_process_ddp_on_cpu_matches_one_process_on_the_same_global_batch(dro
     for name, per_device, devices, strategy in (("single", 8, 1, "auto"), ("ddp", 4, 2, "ddp")):
         raw = text_config(data, dropout_free_bert, tmp_path / name, max_epochs=4, batch_size=per_device,
                           devices=devices, strategy=strategy, accelerator="cpu", lr=3e-3)
+        # Same batches either way (grouping acts on the global batch before the rank split), but the
+        # regrouped order leaves the gradient-free attention key biases (softmax ignores a per-query
+        # constant) with AdamW-amplified rounding noise above this test's 1e-5 weight tolerance.
+        raw["data"]["group_by_length"] = False
         code, err = finish(train_process(write_config(tmp_path / f"{name}.yaml", raw)), timeout=400)
         assert code == 0, err[-3000:]
         assert ("Starting with 2 processes" in err) == (name == "ddp")  # gloo, launched by Lightning itself

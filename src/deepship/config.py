@@ -108,6 +108,10 @@ class DataConfig(_Section):
     truncation_side: Literal["right", "left"] = Field("right", description="text: which end loses tokens")
     pad_to_multiple_of: int = Field(16, ge=1, le=512, description="text: batch length rounding")
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers; null = auto")
+    group_by_length: bool = Field(True, description="text: training batches of similar token lengths (less padding)")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="image training: gpu = workers read bytes, the training device decodes and augments "
+                            "the batch; auto = gpu with CUDA and mostly-JPEG training files")
     label_map: dict[str, str] = Field(default_factory=dict, description="rename/merge labels: {spelling: label}")
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="abort when more samples are quarantined")
     min_per_class: int = Field(10, ge=1, description="warn when a class has fewer examples in a split")

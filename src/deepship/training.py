@@ -473,6 +473,8 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
                         if v is not None},
         "data_fingerprint": report["fingerprint"],
         "device": describe_device(trainer),
+        # what this config needs of a GPU, for sizing boxes and batch sizes (issue 10's memory report)
+        "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "precision": str(trainer.precision),
     })
     write_json(run_dir / "metrics.json", metrics)

@@ -148,11 +148,11 @@ def bench_serve(package: str | Path, concurrency: Sequence[int] = (1, 4, 16, 64)
     bodies = make_bodies(modality, items, count=64)
     rows = []
     for mode in modes:
-        with running_server(package, batching=mode == "on") as url:
+        with running_server(package, batching=mode == "on") as (url, pid):
             for level in concurrency:
                 result = asyncio.run(load_level(url, bodies, level, duration_s, max_requests))
                 rows.append({"kind": "serve", "modality": modality, "batching": mode, "concurrency": level,
-                             "items_per_request": items, **result})
+                             "items_per_request": items, **result, "server_rss_mib": resident_mib(pid)})
     add_ratios(rows)
     return rows
 
@@ -180,6 +180,17 @@ def noise_png_b64(rng: random.Random, size: int = 64) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def resident_mib(pid: int) -> float | None:
+    """The server process's resident memory (Linux /proc; None elsewhere): what one package costs a host."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,8 +198,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(package: str | Path, batching: bool, timeout_s: float = 120.0) -> Iterator[str]:
-    """`deepship serve` in a child process on a free loopback port, until it says ready."""
+def running_server(package: str | Path, batching: bool, timeout_s: float = 120.0) -> Iterator[tuple[str, int]]:
+    """`deepship serve` in a child process on a free loopback port, until it says ready: (url, pid)."""
     import httpx
 
     port = free_port()
@@ -209,7 +220,7 @@ def running_server(package: str | Path, batching: bool, timeout_s: float = 120.0
             if time.monotonic() > deadline:
                 raise DeepshipError(f"the server was not ready after {timeout_s:.0f} s")
             time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         try:
