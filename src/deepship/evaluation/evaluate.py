@@ -23,7 +23,7 @@ from deepship.evaluation.html import render_html
 from deepship.evaluation.latency import measure_latency
 from deepship.evaluation.report import Decisions, build_report, comparison_section, fit_decision_rule
 from deepship.evaluation.schema import Report
-from deepship.files import atomic_write_text
+from deepship.files import atomic_write_text, finite
 from deepship.runtime.predictor import Predictor
 
 JSON_NAME, HTML_NAME = "report.json", "report.html"
@@ -172,17 +172,6 @@ def write_run_report(cfg: Config, run_dir: Path, logits: torch.Tensor, targets: 
         n_resamples=n_resamples)
     write_report(report, run_dir)
     return report
-
-
-def finite(value: Any) -> Any:
-    """NaN/inf (an undefined loss in a history row, say) become null: JSON has no NaN."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite(v) for v in value]
-    return value
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

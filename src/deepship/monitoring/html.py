@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deepship.files import atomic_write_text
+from deepship.files import atomic_write_text, finite
 from deepship.htmlpage import esc, figure_tag, page, pyplot, table
 
 JSON_NAME, HTML_NAME = "monitor.json", "monitor.html"
@@ -99,8 +99,6 @@ def render_html(report: dict[str, Any]) -> str:
 
 def write_monitor_report(report: dict[str, Any], out: Path) -> None:
     """Render first, then write both files atomically: a failure leaves no half report."""
-    from deepship.evaluation.evaluate import finite
-
     text = json.dumps(finite(report), indent=2, allow_nan=False) + "\n"
     html = render_html(report)
     out.mkdir(parents=True, exist_ok=True)
