@@ -163,9 +163,9 @@ def build_package(run: LoadedRun, staging: Path, options: ExportOptions) -> dict
     parity |= {"onnx_checker": "passed (full_check)", "opset": options.opset, "libraries": base["libraries"]}
     write_json(staging / "parity.json", parity)
     shipped = Predictor.load(staging)
-    logits, embeddings = shipped.logits_and_embeddings(val)  # the model as it ships (int8 included)
+    logits, embeddings, stats = shipped.outputs_and_stats(val)  # the model as it ships (int8 included)
     base |= decision_rule(logits, run, targets)
-    base["reference"] = reference_profile(staging, shipped, val, targets, logits, embeddings, base)
+    base["reference"] = reference_profile(staging, shipped, stats, targets, logits, embeddings, base)
     write_manifest(staging, base)  # final hashes cover parity.json and the reference embeddings too
     Predictor.load(staging)  # what ships must load and verify as written
     return parity
@@ -187,8 +187,8 @@ def decision_rule(logits: np.ndarray, run: LoadedRun, targets: np.ndarray) -> di
     return rule
 
 
-def reference_profile(staging: Path, shipped: Predictor, val: Sequence[str], targets: np.ndarray, logits: np.ndarray,
-                      embeddings: np.ndarray | None, base: dict[str, Any]) -> dict[str, Any]:
+def reference_profile(staging: Path, shipped: Predictor, input_stats: list[dict[str, Any]], targets: np.ndarray,
+                      logits: np.ndarray, embeddings: np.ndarray | None, base: dict[str, Any]) -> dict[str, Any]:
     """What `monitor` compares production with: the validation set through the shipped model and its
     decision rule (deepship.monitoring.reference)."""
     from deepship.monitoring.reference import build_profile, stats_columns, write_embeddings
@@ -198,8 +198,8 @@ def reference_profile(staging: Path, shipped: Predictor, val: Sequence[str], tar
     probs = softmax(logits, base["calibration"]["temperature"])
     preds, confidence, _ = decide(probs, base["labels"], base["thresholds"])
     names = TEXT_SIGNALS if shipped.modality == "text" else IMAGE_SIGNALS
-    stats = stats_columns(shipped.input_stats(val), names)
-    profile = build_profile(base["labels"], preds, confidence, targets, stats, source=f"val ({len(val)} samples)")
+    stats = stats_columns(input_stats, names)
+    profile = build_profile(base["labels"], preds, confidence, targets, stats, source=f"val ({len(targets)} samples)")
     if embeddings is not None:
         profile["embeddings"] = write_embeddings(staging, embeddings)
     return profile

@@ -110,9 +110,8 @@ def read_data(path: Path, predictor: Predictor, signals: Sequence[str], batch_si
     """A dataset predicted on the fly through the package (decision rule, input stats, embeddings)."""
     items = read_inputs(path, predictor.modality)
     inputs = [x for _, x in items]
-    logits, embeddings = predictor.logits_and_embeddings(inputs, batch_size, show_progress=True)
+    logits, embeddings, records = predictor.outputs_and_stats(inputs, batch_size, show_progress=True)
     preds, confidence, _ = decide(softmax(logits, predictor.temperature), predictor.labels, predictor.thresholds)
-    records = predictor.input_stats(inputs)
     stats = {name: np.array([float(r[name]) for r in records]) for name in signals if name in records[0]}
     return Current(str(path), "data", [i for i, _ in items], preds, confidence, stats, embeddings=embeddings,
                    inputs=inputs)

@@ -23,10 +23,12 @@ import numpy as np
 from deepship.errors import DataError, PackageError
 from deepship.runtime.preprocess import (
     IMAGE_EXTENSIONS,
+    IMAGE_INPUT,
     ImageSpec,
     TextPreprocessor,
     TextSpec,
     load_image,
+    preprocess_image,
     preprocess_images,
 )
 
@@ -149,28 +151,42 @@ class Predictor:
     def predict_logits(self, inputs: Sequence[Any]) -> np.ndarray:
         return self.run(self.preprocess(inputs))
 
-    def logits_and_embeddings(self, inputs: Sequence[Any], batch_size: int = 32,
-                              show_progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits (N, C) and, when the model exports them, penultimate embeddings (N, D)."""
-        if not self.has_embeddings:
-            return self.batched_logits(inputs, batch_size, show_progress), None
-        update = progress(len(inputs), enabled=show_progress and len(inputs) > 4 * batch_size)
-        logits, embeddings = [], []
-        for batch in batched(inputs, batch_size):
-            arrays = self.preprocess(batch)
-            out = self.session.run(["logits", EMBEDDINGS_OUTPUT], {name: arrays[name] for name in self.input_names})
-            logits.append(out[0])
-            embeddings.append(out[1])
-            update(len(batch))
-        return np.concatenate(logits), np.concatenate(embeddings)
+    def prepare(self, inputs: Sequence[Any]) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        """Model arrays and deepship.runtime.stats input statistics from ONE tokenization or decode
+        per input: predict and monitor need both, and images are the expensive part of a batch."""
+        from deepship.runtime.stats import image_stats, text_stats
+
+        if self.text is not None:
+            texts = [str(t) for t in inputs]
+            encodings = self.text.tokenize(texts)
+            return self.text.pad(encodings), text_stats(self.text, texts, encodings)
+        images = [load_image(x) for x in inputs]
+        arrays = {IMAGE_INPUT: np.stack([preprocess_image(img, self.spec) for img in images])}
+        return arrays, [image_stats(img) for img in images]
 
     def input_stats(self, inputs: Sequence[Any]) -> list[dict[str, Any]]:
-        """deepship.runtime.stats of raw inputs (texts, or image paths/bytes)."""
+        """deepship.runtime.stats of raw inputs (texts, or image paths/bytes), without running the model."""
         from deepship.runtime.stats import image_stats, text_stats
 
         if self.text is not None:
             return text_stats(self.text, [str(t) for t in inputs])
         return [image_stats(load_image(x)) for x in inputs]
+
+    def outputs_and_stats(self, inputs: Sequence[Any], batch_size: int = 32, show_progress: bool = False
+                          ) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]]]:
+        """Logits (N, C), penultimate embeddings (N, D) when the model exports them (else None), and
+        the input statistics, batch by batch from one decode per input (export's reference, monitor)."""
+        names = ["logits", EMBEDDINGS_OUTPUT] if self.has_embeddings else ["logits"]
+        update = progress(len(inputs), enabled=show_progress and len(inputs) > 4 * batch_size)
+        logits, embeddings, stats = [], [], []
+        for batch in batched(inputs, batch_size):
+            arrays, batch_stats = self.prepare(batch)
+            out = self.session.run(names, {name: arrays[name] for name in self.input_names})
+            logits.append(out[0])
+            embeddings.append(out[-1])
+            stats += batch_stats
+            update(len(batch))
+        return np.concatenate(logits), np.concatenate(embeddings) if self.has_embeddings else None, stats
 
     def batched_logits(self, inputs: Sequence[Any], batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
         """Logits (N, C) for any number of inputs, `batch_size` at a time (memory stays bounded)."""
@@ -185,7 +201,11 @@ class Predictor:
         return softmax(self.predict_logits(inputs), self.temperature)  # (N, C)
 
     def predict(self, inputs: Sequence[Any]) -> list[Prediction]:
-        probs = self.predict_proba(inputs)
+        return self.decisions(self.predict_logits(inputs))
+
+    def decisions(self, logits: np.ndarray) -> list[Prediction]:
+        """Logits (N, C) -> calibrated probabilities and the package's decision rule, one Prediction each."""
+        probs = softmax(logits, self.temperature)  # (N, C)
         preds, confidence, abstained = decide(probs, self.labels, self.thresholds)
         return [Prediction(self.labels[p], float(c), dict(zip(self.labels, map(float, row))), bool(a))
                 for p, c, a, row in zip(preds, confidence, abstained, probs)]
@@ -314,10 +334,10 @@ def prediction_records(predictor: Predictor, items: Sequence[tuple[str, str]], b
     update = progress(len(items), enabled=len(items) > 4 * batch_size)
     for batch in batched(items, batch_size):
         start = time.perf_counter()
-        predictions = predictor.predict([x for _, x in batch])
+        arrays, stats = predictor.prepare([x for _, x in batch])  # stats: what `monitor` compares with the reference
+        predictions = predictor.decisions(predictor.run(arrays))
         latency_ms = (time.perf_counter() - start) * 1000 / len(batch)
         ts = datetime.now(timezone.utc).isoformat()
-        stats = predictor.input_stats([x for _, x in batch])  # what `monitor` compares with the reference
         for (item_id, _), p, s in zip(batch, predictions, stats):
             yield {"id": item_id, "label": p.label, "confidence": p.confidence, "probs": p.probs,
                    "abstained": p.abstained, "model_version": predictor.model_version,

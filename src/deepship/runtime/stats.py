@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageStat
+from tokenizers import Encoding
 
 from deepship.runtime.preprocess import TextPreprocessor
 
@@ -30,12 +31,14 @@ def unknown_token_id(preprocessor: TextPreprocessor) -> int | None:
     return preprocessor.tokenizer.token_to_id(unk) if unk else None
 
 
-def text_stats(preprocessor: TextPreprocessor, texts: Sequence[str]) -> list[dict[str, Any]]:
+def text_stats(preprocessor: TextPreprocessor, texts: Sequence[str],
+               encodings: Sequence[Encoding] | None = None) -> list[dict[str, Any]]:
     """Tokens kept (special tokens excluded, so capped by max_length), whether the text was cut, and
-    the share of unknown tokens: text from another source or language shows up in both."""
+    the share of unknown tokens: text from another source or language shows up in both. Pass the
+    texts' `encodings` when the caller tokenized them already (once per text is enough)."""
     unk = unknown_token_id(preprocessor)
     out = []
-    for text, enc in zip(texts, preprocessor.tokenize(texts)):
+    for text, enc in zip(texts, preprocessor.tokenize(texts) if encodings is None else encodings):
         special = np.asarray(enc.special_tokens_mask, dtype=bool)
         ids = np.asarray(enc.ids)[~special]
         tokens = int(ids.size)
