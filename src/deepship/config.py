@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Literal, Sequence, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -20,6 +20,7 @@ Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 
 DEMO_PREFIX = "demo:"
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -298,6 +299,20 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         except yaml.YAMLError:
             node[parts[-1]] = text  # not valid YAML: keep the literal string
     return raw
+
+
+def validate_section(model: type[SectionT], name: str, raw: dict[str, Any], overrides: Sequence[str],
+                     command: str, example: str) -> SectionT:
+    """One config section (evaluate's `objective`, monitor's `monitor`) with `--set NAME.KEY=VALUE`
+    applied and validated like a config; other keys are refused, naming the command."""
+    for item in overrides:
+        if not item.startswith(f"{name}."):
+            raise ConfigError(f"--set {item}: {command} takes {name}.* keys only, e.g. --set {name}.{example}")
+    raw = apply_overrides({name: dict(raw)}, overrides)[name]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{name}.{format_validation_error(exc, model)}") from None
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel] = Config) -> str:

@@ -15,9 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
-from deepship.config import Config, ObjectiveConfig, SourceConfig, apply_overrides, format_validation_error
+from deepship.config import Config, ObjectiveConfig, SourceConfig, validate_section
 from deepship.errors import ConfigError, DataError
 from deepship.evaluation.html import render_html
 from deepship.evaluation.latency import measure_latency
@@ -47,14 +46,8 @@ def package_config(predictor: Predictor) -> Config:
 
 def resolve_objective(objective: ObjectiveConfig, overrides: Sequence[str]) -> ObjectiveConfig:
     """The config's objective with `--set objective.KEY=VALUE` applied, validated like a config."""
-    for item in overrides:
-        if not item.startswith("objective."):
-            raise ConfigError(f"--set {item}: evaluate takes objective.* keys only, e.g. --set objective.min=0.9")
-    raw = apply_overrides({"objective": objective.model_dump(mode="json")}, overrides)["objective"]
-    try:
-        return ObjectiveConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"--set: objective.{format_validation_error(exc, ObjectiveConfig)}") from None
+    return validate_section(ObjectiveConfig, "objective", objective.model_dump(mode="json"), overrides, "evaluate",
+                            "min=0.9")
 
 
 def read_labeled(path: str, cfg: Config, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:

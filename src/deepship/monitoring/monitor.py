@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from deepship.config import MonitorConfig
+from deepship.config import MonitorConfig, parse_yaml, validate_section
 from deepship.errors import ConfigError, DataError
 from deepship.evaluation.metrics import bootstrap_values, percentile_interval, score
 from deepship.monitoring.drift import binned, chi_square_test, holm, ks_test, mmd_test, psi, sample_rows
@@ -309,10 +309,6 @@ def package_profile(predictor: Predictor) -> dict[str, Any]:
 
 def monitor_settings(predictor: Predictor, config_path: str | None, overrides: Sequence[str]) -> MonitorConfig:
     """The package's `monitor:` section (or --config's), with `--set monitor.KEY=VALUE` applied."""
-    from pydantic import ValidationError
-
-    from deepship.config import apply_overrides, format_validation_error, parse_yaml
-
     raw = dict((predictor.manifest.get("config") or {}).get("monitor") or {})
     if config_path is not None:
         path = Path(config_path)
@@ -322,14 +318,7 @@ def monitor_settings(predictor: Predictor, config_path: str | None, overrides: S
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: expected a mapping with a monitor: section")
         raw = dict(loaded.get("monitor") or {})
-    for item in overrides:
-        if not item.startswith("monitor."):
-            raise ConfigError(f"--set {item}: monitor takes monitor.* keys only, e.g. --set monitor.window=1d")
-    raw = apply_overrides({"monitor": raw}, overrides)["monitor"]
-    try:
-        return MonitorConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"monitor.{format_validation_error(exc, MonitorConfig)}") from None
+    return validate_section(MonitorConfig, "monitor", raw, overrides, "monitor", "window=1d")
 
 
 def run_monitor(package: str | Path, current_path: str, out: str | Path, cfg: MonitorConfig,
