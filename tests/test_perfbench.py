@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepship import cli
+from deepship.config import load_config
+from deepship.training import fit
+
+from conftest import image_config, text_config, write_config
 
 
 def bench_lines(capsys: pytest.CaptureFixture) -> list[dict]:
@@ -38,3 +46,76 @@ def test_bench_runtime_times_both_runtimes_on_the_same_input(tiny_text_run: Path
 def test_bench_runtime_needs_a_run_and_a_package(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["bench", "runtime"]) == 2
     assert "needs --run RUN_DIR and --package" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- host syncs
+class HostSyncCounter(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (`.item()`, `bool(t)`, `torch.equal`): on a GPU each one waits
+    for every queued kernel. The DataLoader's own work is left out: it runs on the host, in workers."""
+
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.equal.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            stack = traceback.extract_stack()[:-1]
+            if not any("torch/utils/data/" in frame.filename for frame in stack):
+                caller = next(f for f in reversed(stack) if "site-packages/torch/" not in f.filename)
+                self.sites.append(f"{caller.filename.split('site-packages/')[-1]}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+class SyncProbe(Callback):
+    """Host syncs between the starts of consecutive training batches, by global step."""
+
+    def __init__(self) -> None:
+        self.counter: HostSyncCounter | None = None
+        self.by_step: list[tuple[int, bool, list[str]]] = []  # (step, epoch's last batch, sync sites)
+
+    def _close(self) -> None:
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.by_step.append((self.step, self.last, self.counter.sites))
+            self.counter = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._close()
+        self.step, self.last = trainer.global_step, batch_idx + 1 == trainer.num_training_batches
+        self.counter = HostSyncCounter()
+        self.counter.__enter__()
+
+    def on_train_end(self, trainer, module) -> None:
+        self._close()
+
+
+def test_host_sync_counter_sees_a_loss_read() -> None:
+    with HostSyncCounter() as counter:
+        loss = torch.ones(3).mean()
+        bool(torch.isfinite(loss))
+        loss.item()
+    assert len(counter.sites) == 2
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_training_steps_do_not_wait_for_the_device(modality: str, image_dir: Path, text_csv: Path,
+                                                   tiny_bert_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No host sync inside the training loop except at log steps and epoch ends: the loss is not read per step
+    (non-finite steps are skipped on the device), metrics accumulate on the device, the bar redraws on a timer."""
+    from deepship import training
+
+    monkeypatch.setattr(training, "PROGRESS_REFRESH_S", 1e9)  # the bar's timed redraw is a (rationed) sync
+    if modality == "image":
+        raw = image_config(image_dir, tmp_path / "runs", max_epochs=2, batch_size=8)
+    else:
+        raw = text_config(text_csv, tiny_bert_dir, tmp_path / "runs", max_epochs=2, batch_size=8)
+    probe = SyncProbe()
+    fit(load_config(write_config(tmp_path / "c.yaml", raw)), [probe])
+    inner = [(step, sites) for step, last, sites in probe.by_step if not last]
+    assert len(inner) >= 4
+    assert [(step, sites) for step, sites in inner if sites] == []
+    assert any(sites for _, last, sites in probe.by_step if last)  # the epoch ends do read (validation, logging)

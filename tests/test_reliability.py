@@ -528,3 +528,48 @@ def test_full_disk_is_one_line_and_exit_1(command: str, text_package: Path, smal
     code = cli.main(argv)
     monkeypatch.undo()
     assert_one_clear_line(capsys.readouterr().err, code, 1, "disk full", command)
+
+
+def guarded_step(guard, param: torch.nn.Parameter, optimizer: torch.optim.Optimizer, loss: float, grad: float,
+                 step: int) -> None:
+    """One optimizer step through the guard, with a chosen loss value and gradient."""
+    guard.observe_loss(torch.tensor(loss))
+    param.grad = torch.full_like(param, grad)
+    guard.gate(optimizer, (step, 0, step))
+    optimizer.step()
+
+
+def test_guard_skips_nonfinite_gradients_on_the_device_and_stops_at_the_check() -> None:
+    from deepship.models.nonfinite import NonfiniteGuard
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    guard = NonfiniteGuard("stop")
+    guarded_step(guard, param, optimizer, loss=1.0, grad=1.0, step=0)
+    after_good = param.detach().clone()
+    assert not torch.equal(after_good, torch.ones(3))  # a finite step updates
+    guarded_step(guard, param, optimizer, loss=2.0, grad=math.inf, step=1)  # finite loss, infinite gradient
+    guarded_step(guard, param, optimizer, loss=1.0, grad=1.0, step=2)  # fine again, but after the bad one
+    assert torch.equal(param.detach(), after_good)  # stop: nothing changed from the bad step on
+    with pytest.raises(TrainingError, match=r"non-finite gradients \(loss 2\.0\) at global step 1 \(epoch 0, batch 1\)"):
+        guard.check()
+
+
+def test_guard_skip_mode_skips_only_bad_steps_and_counts_them(recwarn: pytest.WarningsRecorder) -> None:
+    from deepship.models.nonfinite import NonfiniteGuard
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    guard = NonfiniteGuard("skip")
+    values = []
+    for step, loss in enumerate([1.0, math.nan, 1.0, math.inf, 1.0]):
+        before = param.detach().clone()
+        guarded_step(guard, param, optimizer, loss=loss, grad=1.0, step=step)
+        values.append(not torch.equal(param.detach(), before))
+    assert values == [True, False, True, False, True]
+    assert guard.unreported() == 2
+    guard.check()
+    assert guard.skipped == 2 and guard.unreported() == 0
+    messages = [str(w.message) for w in recwarn if "non-finite" in str(w.message)]
+    assert messages == ["train: non-finite loss (nan) at global step 1 (epoch 0, batch 1) and 1 later batch(es); "
+                        "skipped (train.nonfinite=skip)"]

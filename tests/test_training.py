@@ -45,14 +45,15 @@ def test_run_directory_contents(run: str, request) -> None:
     for name in ("config.yaml", "labels.json", "best.ckpt", "last.ckpt", "history.csv", "metrics.json"):
         assert (run_dir / name).is_file(), name
     cfg = load_config(run_dir / "config.yaml")  # the resolved config is itself a valid config
-    assert cfg.train.max_epochs == 6 and cfg.run_dir == run_dir
+    assert cfg.train.max_epochs == {"tiny_image_run": 10, "tiny_text_run": 6}[run] and cfg.run_dir == run_dir
     labels = json.loads((run_dir / "labels.json").read_text())
     assert labels == sorted(labels) and len(labels) >= 2
     history = read_history(run_dir)
-    assert list(history[0]) == HISTORY_COLUMNS and [int(r["epoch"]) for r in history] == list(range(1, 7))
+    epochs = cfg.train.max_epochs
+    assert list(history[0]) == HISTORY_COLUMNS and [int(r["epoch"]) for r in history] == list(range(1, epochs + 1))
     metrics = read_metrics(run_dir)
     assert set(metrics["val"]) == {"accuracy", "macro_f1", "loss"}
-    assert metrics["epochs"] == 6 and 1 <= metrics["best_epoch"] <= 6
+    assert metrics["epochs"] == epochs and 1 <= metrics["best_epoch"] <= epochs
     assert metrics["device"] == "cpu" and metrics["precision"] == "32-true"
     assert metrics["train_samples_per_s"] > 0 and metrics["num_samples"]["train"] > metrics["num_samples"]["val"]
     if cfg.task == "text_classification":
@@ -174,3 +175,72 @@ def test_real_minilm_on_rt_polarity_beats_070(tmp_path: Path) -> None:
                      "run_name": "rt"}}
     metrics = read_metrics(train_run(raw, tmp_path / "rt.yaml"))
     assert metrics["test"]["accuracy"] > 0.70, metrics
+
+
+def test_text_net_builds_the_sdpa_mask_on_the_device_with_the_models_own_logits(tiny_bert_dir: Path) -> None:
+    """TextNet hands transformers a 4-D mask (no host check for padding); the logits stay the model's own."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deepship.models.backbones import TextNet
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    assert model.config._attn_implementation == "sdpa"
+    batch = AutoTokenizer.from_pretrained(tiny_bert_dir)(["short", "a much longer sentence with more words in it"],
+                                                         padding=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0  # the first row is padded
+    net = TextNet(model)
+    assert net.sdpa_mask(batch["attention_mask"]).shape == (2, 1, 1, batch["input_ids"].shape[1])
+    with torch.no_grad():
+        ours, theirs = net(**batch), model(**batch).logits
+        unmasked = model(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.equal(ours[0], unmasked[0])  # the mask is applied: the padded row differs
+
+
+def tiny_text_net(tiny_bert_dir: Path, attention_dropout: float):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deepship.models.backbones import TextNet
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir,
+                                                               attention_probs_dropout_prob=attention_dropout)
+    batch = AutoTokenizer.from_pretrained(tiny_bert_dir)(["short", "a much longer sentence with more words in it"],
+                                                         padding=True, return_tensors="pt")
+    return TextNet(model).train(), dict(batch)
+
+
+def test_sdpa_backends_are_measured_on_the_real_model_and_the_fastest_kept(tiny_bert_dir: Path) -> None:
+    from deepship.models.attention import fastest, measure_backends
+
+    net, inputs = tiny_text_net(tiny_bert_dir, attention_dropout=0.0)
+    rng = torch.get_rng_state()
+    timings = measure_backends(net, inputs, ("flash", "efficient", "math"), repeats=2)
+    # CPU has a flash kernel and a math one, and no memory-efficient kernel
+    assert timings["flash"] > 0 and timings["math"] > 0 and timings["efficient"] is None
+    assert fastest(timings) == min(("flash", "math"), key=timings.__getitem__)
+    assert all(p.grad is None for p in net.parameters())  # measured through autograd.grad: no trace left
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout draws do not shift training's random stream
+
+    # dropout inside attention: CPU's fused kernel cannot run it, so only math is usable
+    net, inputs = tiny_text_net(tiny_bert_dir, attention_dropout=0.1)
+    timings = measure_backends(net, inputs, ("flash", "math"), repeats=1)
+    assert timings["flash"] is None and fastest(timings) == "math"
+
+
+def test_training_records_the_measured_sdpa_backend(tiny_text_run: Path) -> None:
+    chosen = json.loads((tiny_text_run / "metrics.json").read_text())["sdpa_backend"]
+    # the tiny BERT has attention dropout: on CPU only the math kernel runs it
+    assert chosen["setting"] == "auto" and chosen["chosen"] == "math"
+    assert chosen["ms_per_step"]["flash"] is None and chosen["ms_per_step"]["math"] > 0
+    state = torch.load(tiny_text_run / "last.ckpt", map_location="cpu", weights_only=True)["callbacks"]
+    assert any(v.get("chosen") == "math" for v in state.values() if isinstance(v, dict))  # a resume keeps it
+
+
+def test_a_named_sdpa_backend_that_cannot_run_is_a_config_error(text_csv: Path, tiny_bert_dir: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    from conftest import text_config
+
+    raw = text_config(text_csv, tiny_bert_dir, tmp_path / "runs", max_epochs=1, sdpa_backend="efficient")
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: train.sdpa_backend: efficient cannot run this model's attention on cpu")

@@ -189,6 +189,9 @@ class TrainConfig(_Section):
                                                                          "steps (mid-epoch); null = epoch ends only")
     nonfinite: Literal["stop", "skip"] = Field("stop", description="a NaN/Inf training loss: stop with an error, "
                                                                    "or skip that batch's update")
+    sdpa_backend: Literal["auto", "default", "flash", "efficient", "cudnn", "math"] = Field(
+        "auto", description="text models' attention kernel: auto = the fastest measured on a real batch at the start "
+                            "of training; default = PyTorch's per-call choice; or one backend")
     devices: int | Literal["auto"] | list[int] = Field(1, description="devices per node (Lightning `devices`)")
     num_nodes: int = Field(1, ge=1, description="machines (Lightning `num_nodes`)")
     strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="auto: one device; ddp / fsdp: "

@@ -16,7 +16,7 @@ from typing import IO, Any, Callable, Sequence
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -29,7 +29,8 @@ from deepship.data.text import TextDataset, count_truncated
 from deepship.errors import ConfigError, DataError, Preempted, TrainingError
 from deepship.evaluation.evaluate import write_run_report
 from deepship.files import atomic_write, remove_temp_files, write_json
-from deepship.models.backbones import build_backbone, load_text_tokenizer
+from deepship.models.attention import DEVICE_BACKENDS, describe_backends, fastest, measure_backends
+from deepship.models.backbones import TextNet, build_backbone, load_text_tokenizer
 from deepship.models.classifier import ClassifierModule
 from deepship.models.finetuning import FinetuningStrategy
 from deepship.run import build_module, load_checkpoint_file, loss_settings, write_run_files
@@ -59,11 +60,15 @@ def kill_self() -> None:
 # ----------------------------------------------------------------------------------- checkpoints
 def nonfinite_weights(checkpoint: dict[str, Any]) -> list[str]:
     """Names of floating-point tensors with NaN/Inf in the weights a checkpoint would carry."""
-    bad = []
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for key in ("state_dict", "current_model_state"):  # the latter: raw weights when EMA swapped its average in
         for name, value in (checkpoint.get(key) or {}).items():
-            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                bad.append(name)
+            if torch.is_tensor(value) and value.is_floating_point():
+                by_device.setdefault(value.device, []).append((name, value))
+    bad = []
+    for items in by_device.values():  # one host read per device, not one per tensor
+        finite = torch.stack([torch.isfinite(value).all() for _, value in items]).tolist()
+        bad += [name for (name, _), ok in zip(items, finite) if not ok]
     return bad
 
 
@@ -148,6 +153,34 @@ class HistoryCallback(Callback):
             writer.writerow(row)
 
 
+PROGRESS_REFRESH_S = 0.5
+
+
+class TimedProgressBar(TQDMProgressBar):
+    """Redraws at most every PROGRESS_REFRESH_S seconds: each redraw reads the logged loss on the host (a device
+    sync), which Lightning's default bar does every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = 0.0
+
+    def _should_update(self, current: int, total: int) -> bool:
+        now = time.monotonic()
+        if not self.is_enabled or (current != total and now - self._last < PROGRESS_REFRESH_S):
+            return False
+        self._last = now
+        return True
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, int | str | float | dict]:
+        items = super().get_metrics(trainer, module)
+        # The module's own copy: Lightning's callback_metrics may compute (and all-reduce) epoch values, a
+        # collective that only rank 0, which draws the bar, would enter.
+        loss = getattr(module, "last_train_loss", None)
+        if loss is not None:
+            items["loss"] = f"{float(loss):.4g}"  # the device sync this bar exists to ration
+        return items
+
+
 class ThroughputCallback(Callback):
     """Training wall time and samples/s, counted from batch shapes (no device sync)."""
 
@@ -162,6 +195,45 @@ class ThroughputCallback(Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.seconds = time.perf_counter() - self._t0
+
+
+class AttentionBackend(Callback):
+    """train.sdpa_backend for text models: auto measures each SDPA backend on `batch` as training starts and keeps
+    the fastest (deepship.models.attention); a named backend is checked the same way; default leaves the choice to
+    PyTorch. The choice is saved in checkpoints, so a resumed run uses the same kernels. Multi-process runs keep
+    PyTorch's choice (each rank would measure its own)."""
+
+    def __init__(self, setting: str, batch: dict[str, torch.Tensor] | None) -> None:
+        self.setting, self.batch = setting, batch
+        self.chosen: str | None = None
+        self.timings: dict[str, float | None] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen, "timings": self.timings}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.chosen, self.timings = state_dict.get("chosen"), state_dict.get("timings", {})
+
+    def report(self) -> dict[str, Any] | None:
+        return {"setting": self.setting, "chosen": self.chosen, "ms_per_step": self.timings} if self.chosen else None
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        net = module.net
+        if not isinstance(net, TextNet) or not net.uses_sdpa or self.setting == "default" or self.batch is None:
+            return
+        if self.chosen is None:
+            if trainer.world_size > 1:
+                return
+            names = DEVICE_BACKENDS.get(module.device.type, ("math",)) if self.setting == "auto" else (self.setting,)
+            inputs = {k: v.to(module.device) for k, v in self.batch.items()}
+            self.timings = measure_backends(net, inputs, names, autocast=trainer.precision_plugin.forward_context)
+            self.chosen = fastest(self.timings)
+            if self.chosen is None:
+                raise ConfigError(f"train.sdpa_backend: {self.setting} cannot run this model's attention on "
+                                  f"{module.device.type} at precision {trainer.precision}; use auto or default")
+            if trainer.is_global_zero:
+                print(describe_backends(self.chosen, self.timings), file=sys.stderr)
+        net.sdpa_backend = self.chosen
 
 
 class RngState(Callback):
@@ -359,6 +431,7 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     if cfg.train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience))
     callbacks.append(SaveOnSigterm(run_dir / "last.ckpt"))
+    callbacks.append(TimedProgressBar())
     kill_step = test_hook(KILL_AT_STEP_ENV)
     if kill_step is not None:
         callbacks.append(FaultInjection(kill_step))
@@ -456,9 +529,10 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     module = build_module(cfg, backbone, splits.classes, loss_settings(cfg, splits.classes, splits.train.labels),
                           report["fingerprint"])
     throughput = ThroughputCallback()
+    attention = AttentionBackend(cfg.train.sdpa_backend, data.typical_text_batch())
     steps = -(-len(splits.train) // cfg.train.batch_size)
-    trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput, *extra_callbacks],
-                            steps)
+    trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput, attention,
+                                           *extra_callbacks], steps)
     fit_or_preempt(trainer, module, data, resume, run_dir)
     if not trainer.is_global_zero:
         return run_dir
@@ -476,6 +550,7 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         # what this config needs of a GPU, for sizing boxes and batch sizes (issue 10's memory report)
         "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "precision": str(trainer.precision),
+        "sdpa_backend": attention.report(),  # text: the measured attention kernel; null for images
     })
     write_json(run_dir / "metrics.json", metrics)
     logits, targets = val_logits(cfg, module, data, trainer.checkpoint_callback.best_model_path)

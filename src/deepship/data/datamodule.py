@@ -205,6 +205,18 @@ class ClassificationData(L.LightningDataModule):
             return None
         return [len(e.ids) for e in dataset.encodings]
 
+    def typical_text_batch(self) -> dict[str, torch.Tensor] | None:
+        """Text: a training-size batch of the texts around the median token length, padded by the training rule
+        (what a length-grouped batch looks like); None for images."""
+        dataset = self.datasets["train"]
+        if not isinstance(dataset, TextDataset):
+            return None
+        by_length = sorted(range(len(dataset)), key=lambda i: len(dataset.encodings[i].ids))
+        size = min(self.cfg.train.batch_size, len(dataset))
+        start = max(0, min(len(dataset) // 2 - size // 2, len(dataset) - size))
+        inputs, _ = self.collate([dataset[i] for i in by_length[start:start + size]])
+        return inputs
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return

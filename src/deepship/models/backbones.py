@@ -17,6 +17,7 @@ from torch import nn
 
 from deepship.config import DataConfig, ModelConfig, Task
 from deepship.errors import ConfigError, first_line
+from deepship.models.attention import backend_context
 from deepship.runtime.preprocess import ImageSpec, TextSpec
 
 MINILM_ALIAS = "all-MiniLM-L6-v2"
@@ -122,11 +123,25 @@ class TextNet(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.sdpa_backend: str | None = None  # set by training (train.sdpa_backend); None: PyTorch picks per call
+
+    @property
+    def uses_sdpa(self) -> bool:
+        return getattr(self.model.config, "_attn_implementation", None) == "sdpa"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (N, C)
+        with backend_context(self.sdpa_backend):
+            return self.model(input_ids=input_ids, attention_mask=self.sdpa_mask(attention_mask), **extra).logits
+
+    def sdpa_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L) 0/1 -> (N, 1, 1, L) bool for SDPA, built on the device. Given the 2-D mask, transformers asks the
+        host whether the batch has any padding (`mask.all()`), a device sync in every forward and backward step;
+        a 4-D mask is used as it is. Same logits (tests/test_training.py)."""
+        if not self.uses_sdpa or attention_mask.ndim != 2:
+            return attention_mask
+        return attention_mask[:, None, None, :].bool()
 
 
 def resolve_text_source(name: str) -> str:

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from deepship.errors import TrainingError
 from deepship.models.finetuning import build_scheduler, layerwise_param_groups
+from deepship.models.nonfinite import NonfiniteGuard
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # (named inputs, targets (N,))
 STAGES = ("train", "val", "test")
@@ -71,13 +72,18 @@ class ClassifierModule(L.LightningModule):
         self.loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=settings.label_smoothing)
         self.mixer = BatchMixer(num_classes, settings.mixup, settings.cutmix) \
             if settings.mixup + settings.cutmix > 0 else None
+        # validate_args=False: the checks read tensors on the host every step; targets were validated with the data
         metrics = MetricCollection({
-            "accuracy": MulticlassAccuracy(num_classes, average="micro"),
-            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+            "accuracy": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+            "macro_f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
         })
         # ModuleDict keys can be neither "/" paths nor Module attributes such as "train".
         self.metrics = nn.ModuleDict({f"{s}_metrics": metrics.clone(prefix=f"{s}/") for s in STAGES})
-        self.skipped_steps = 0  # batches skipped for a non-finite loss (train.nonfinite=skip)
+        self.guard = NonfiniteGuard(nonfinite)
+        self.sync_free = False  # set at train start: fused AdamW skips bad steps on the device (no GradScaler)
+        self._batch_idx = 0
+        self.last_train_loss: torch.Tensor | None = None
+        self._skipped_sync = 0  # counted by check_finite, the per-step path used with a GradScaler
 
     def configure_model(self) -> None:
         # nn.Module.compile() compiles in place: state_dict keys stay free of "_orig_mod.".
@@ -98,26 +104,59 @@ class ClassifierModule(L.LightningModule):
             hard = targets.argmax(1) if targets.ndim == 2 else targets
         logits = self(**inputs)  # (N, C)
         loss = self.loss_fn(logits.float(), targets)  # targets: (N,) indices or (N, C) mixed probabilities
-        if stage == "train" and not self.check_finite(loss, batch_idx):
-            return None  # Lightning skips backward and the optimizer step for this batch
+        if stage == "train":
+            self._batch_idx, self.last_train_loss = batch_idx, loss.detach()  # the progress bar reads it
+            if self.sync_free:
+                self.guard.observe_loss(loss)  # judged in on_before_optimizer_step, on the device
+            elif not self.check_finite(loss, batch_idx):
+                return None  # Lightning skips backward and the optimizer step for this batch
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits.detach(), hard)
         n = hard.shape[0]
         # sync_dist: with several processes the logged loss is the mean over all ranks (torchmetrics syncs itself)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n,
-                 sync_dist=True)
+        # Not prog_bar for the per-step value: Lightning turns those into Python floats after every batch (a device
+        # sync per step); TimedProgressBar reads the loss itself when it redraws.
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "train",
+                 batch_size=n, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
         return loss
 
+    @property
+    def skipped_steps(self) -> int:
+        """Training batches skipped for a non-finite loss or gradient (train.nonfinite=skip); reads the device."""
+        return self.guard.skipped + self._skipped_sync + (self.guard.unreported() if self.hparams.nonfinite == "skip"
+                                                          else 0)
+
+    def on_train_start(self) -> None:
+        # With fp16's GradScaler the scaler owns found_inf (and skips overflowed steps itself): check per step.
+        optimizer = self.trainer.optimizers[0]
+        self.sync_free = bool(optimizer.defaults.get("fused")) and \
+            getattr(self.trainer.precision_plugin, "scaler", None) is None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.sync_free:
+            self.guard.gate(optimizer, (self.trainer.global_step, self.current_epoch, self._batch_idx))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:  # Lightning syncs to log here anyway
+            self.guard.check()
+
+    def on_train_epoch_end(self) -> None:
+        self.guard.check()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.check()  # a stopped run raises here: no checkpoint after the bad step
+
     def check_finite(self, loss: torch.Tensor, batch_idx: int) -> bool:
-        """NaN/Inf loss: stop (TrainingError, before any backward or checkpoint) or skip the batch.
-        Every rank decides together, or DDP would hang on a gradient all-reduce that one rank skipped."""
+        """Per-step variant (a host sync) for fp16 with GradScaler. NaN/Inf loss: stop (TrainingError, before any
+        backward or checkpoint) or skip the batch. Every rank decides together, or DDP would hang on a gradient
+        all-reduce that one rank skipped."""
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if finite:
             return True
         where = f"global step {self.trainer.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.hparams.nonfinite == "skip":
-            self.skipped_steps += 1
+            self._skipped_sync += 1
             rank_zero_warn(f"train: non-finite loss at {where}; batch skipped (train.nonfinite=skip)")
             return False
         raise TrainingError(f"train: non-finite loss ({loss.item()}) at {where}; nothing was updated or saved "
@@ -140,8 +179,10 @@ class ClassifierModule(L.LightningModule):
         o = self.optim
         groups = layerwise_param_groups(self.net, self.layers, head_lr=o.lr, backbone_lr=o.backbone_lr or o.lr,
                                         layer_decay=o.layer_decay, weight_decay=o.weight_decay)
-        # foreach: one fused kernel launch per group instead of one per tensor
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, foreach=True)
+        # fused: one kernel for the whole update, and it can skip a non-finite step on the device (found_inf)
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in self.net.parameters())
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, fused=True) if fused else \
+            torch.optim.AdamW(groups, lr=o.lr, foreach=True)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(optimizer, o.schedule, total, o.warmup_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
