@@ -269,3 +269,82 @@ def test_tiny_model_learns_with_device_decode_on_cpu(image_dir: Path, tmp_path: 
     assert recorder.shapes <= {((8, 3, 32, 32), torch.float32), ((2, 3, 32, 32), torch.float32)}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val"]["accuracy"] >= 1 / 3 + 0.3, metrics["val"]  # chance is 1/3
+
+
+# ------------------------------------------------------------------------------ uint8 memmap cache
+def photo_files(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [str(save_image(folder / f"{k}.jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), quality=90))
+            for k, (w, h) in enumerate(sizes)]
+
+
+def test_cache_holds_the_runtimes_pixels_and_is_built_once(tmp_path: Path) -> None:
+    from deepship.data import cache
+    from deepship.runtime.preprocess import load_image, preprocess_image
+
+    spec = ImageSpec.for_size(24)  # resize_size 27: odd, so the centre offsets are tested too
+    paths = photo_files(tmp_path / "img", [(40, 30), (31, 50), (27, 27), (64, 33)])
+    path = cache.cache_path(tmp_path / "out", paths, spec)
+    assert cache.build_image_cache(paths, spec, path, progress=False) == path
+    array = np.load(path, mmap_mode="r")
+    assert array.shape == (4, 27, 27, 3) and array.dtype == np.uint8
+    # the centre crop of a cached square is, pixel for pixel, the serving preprocessing (augment none)
+    dataset = cache.CachedImageDataset(path, np.arange(4), cache.cached_transform(spec, "none"))
+    for i, p in enumerate(paths):
+        expected = torch.from_numpy(preprocess_image(load_image(p), spec))
+        torch.testing.assert_close(dataset[i][0], expected, atol=1e-5, rtol=0)
+    # a second build finds it; a changed file gets a new cache (the key hashes sizes and mtimes)
+    stamp = path.stat().st_mtime_ns
+    assert cache.build_image_cache(paths, spec, path, progress=False) == path and path.stat().st_mtime_ns == stamp
+    Path(paths[0]).touch()
+    assert cache.cache_path(tmp_path / "out", paths, spec) != path
+    # a truncated file is rebuilt, not trusted
+    path.write_bytes(path.read_bytes()[:200])
+    cache.build_image_cache(paths, spec, path, progress=False)
+    assert np.load(path, mmap_mode="r").shape == (4, 27, 27, 3)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+def test_cached_training_samples_are_random_crops_of_the_cached_square(tmp_path: Path) -> None:
+    from deepship.data import cache
+
+    paths = photo_files(tmp_path / "img", [(80, 60)] * 3)
+    path = cache.build_image_cache(paths, SPEC, cache.cache_path(tmp_path, paths, SPEC), workers=2, progress=False)
+    dataset = SeededSamples(cache.CachedImageDataset(path, np.array([0, 1, 2]),
+                                                     cache.cached_transform(SPEC, "standard")), seed=0)
+    image, target = dataset[(0, 1)]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and target == 1
+    assert torch.equal(dataset[(0, 1)][0], image)  # a function of (seed, epoch, index), as without the cache
+    assert not torch.equal(dataset[(1, 1)][0], image)  # another epoch, another crop
+
+
+def test_tiny_model_learns_from_the_cache_and_a_second_run_reuses_it(image_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepship.config import load_config
+    from deepship.data import cache
+    from deepship.training import fit
+
+    builds = []
+    real_decode = cache._Decode.__getitem__
+    monkeypatch.setattr(cache._Decode, "__getitem__", lambda self, i: builds.append(i) or real_decode(self, i))
+    runs = []
+    for name in ("a", "b"):
+        raw = image_config(image_dir, tmp_path / "runs", max_epochs=10 if name == "a" else 1, run_name=name)
+        raw["data"]["cache"] = True
+        runs.append(fit(load_config(write_config(tmp_path / f"{name}.yaml", raw))))
+    files = list((tmp_path / "runs" / ".cache").iterdir())
+    assert len(files) == 1 and len(builds) == np.load(files[0], mmap_mode="r").shape[0]  # decoded once, not twice
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] >= 1 / 3 + 0.3, metrics["val"]  # chance is 1/3
+
+
+def test_cache_on_text_is_a_config_error(text_csv: Path, tiny_bert_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    from deepship import cli
+    from conftest import text_config
+
+    raw = text_config(text_csv, tiny_bert_dir, tmp_path / "runs")
+    raw["data"]["cache"] = True
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data.cache: caches decoded images")

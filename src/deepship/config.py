@@ -110,6 +110,8 @@ class DataConfig(_Section):
     pad_to_multiple_of: int = Field(16, ge=1, le=512, description="text: batch length rounding")
     num_workers: int | None = Field(None, ge=0, description="DataLoader workers; null = auto")
     group_by_length: bool = Field(True, description="text: training batches of similar token lengths (less padding)")
+    cache: bool = Field(False, description="image training: decode every training image once into a uint8 "
+                                           "memory-mapped file under <out_dir>/.cache, reused by every epoch and run")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="image training: gpu = workers read bytes, the training device decodes and augments "
                             "the batch; auto = gpu with CUDA and mostly-JPEG training files")

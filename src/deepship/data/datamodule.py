@@ -12,11 +12,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deepship.config import Config
+from deepship.data.cache import CachedImageDataset, build_image_cache, cache_path, cached_transform
 from deepship.data.gpu_pipeline import DeviceAugment, EncodedBatch, EncodedImageDataset, collate_encoded
 from deepship.data.image import CROP_SCALE, ImageDataset, collate_images, eval_transform, train_transform
 from deepship.data.sources import Samples
 from deepship.data.split import Splits, encode_labels
 from deepship.data.text import TextCollator, TextDataset
+from deepship.errors import ConfigError
 from deepship.models.backbones import Backbone
 from deepship.runtime.preprocess import ImageSpec, TextPreprocessor
 
@@ -165,6 +167,9 @@ class ClassificationData(L.LightningDataModule):
         self.decode: Literal["cpu", "gpu"] = "cpu"
         self.device_augment: DeviceAugment | None = None
         if backbone.modality == "text":
+            if cfg.data.cache:
+                raise ConfigError("data.cache: caches decoded images; texts are already tokenized once before "
+                                  "training; remove data.cache")
             preprocessor = text_preprocessor(backbone)
             self._make: Callable[[Samples, bool], Dataset] = (
                 lambda s, train: TextDataset(s.inputs, self._targets(s), preprocessor))
@@ -172,7 +177,8 @@ class ClassificationData(L.LightningDataModule):
             self.train_collate: Callable[[list], Any] = self.collate
         else:
             spec: ImageSpec = backbone.preprocessing
-            self.decode = resolve_decode(cfg, splits.train.inputs)
+            # the cache replaces per-epoch decoding altogether (crops come from the decoded squares)
+            self.decode = "cpu" if cfg.data.cache else resolve_decode(cfg, splits.train.inputs)
             self._make = lambda s, train: self._image_dataset(s, spec, train)
             self.collate = collate_images
             self.train_collate = collate_encoded if self.decode == "gpu" else collate_images
@@ -186,6 +192,11 @@ class ClassificationData(L.LightningDataModule):
 
     def _image_dataset(self, samples: Samples, spec: ImageSpec, train: bool) -> Dataset:
         # Validation always takes the serving preprocessing on the CPU: it measures what a package computes.
+        if train and self.cfg.data.cache:
+            path = cache_path(self.cfg.train.out_dir, samples.inputs, spec)
+            build_image_cache(samples.inputs, spec, path, self.num_workers,
+                              progress=os.environ.get("LOCAL_RANK", "0") == "0")
+            return CachedImageDataset(path, self._targets(samples), cached_transform(spec, self.cfg.finetune.augment))
         if train and self.decode == "gpu":
             return EncodedImageDataset(samples.inputs, self._targets(samples))
         transform = train_transform(spec, self.cfg.finetune.augment) if train else eval_transform(spec)

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import io
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deepship.config import Config
+from deepship.data.cache import CachedImageDataset, build_image_cache, cache_path, cached_transform
 from deepship.data.datamodule import EpochSampler, SeededSamples, default_num_workers, text_preprocessor
 from deepship.data.gpu_pipeline import DeviceAugment, EncodedBatch, EncodedImageDataset, collate_encoded
 from deepship.data.image import CROP_SCALE, ImageDataset, collate_images, train_transform
@@ -162,7 +164,8 @@ def image_batches(dataset: Any, collate: Callable[[list], Any], batch_size: int,
 def bench_image_pipeline(folder: str, batch_size: int = 32, steps: int = 16, device: str = "cpu",
                          image_size: int = 64, workers: int | None = None) -> list[dict[str, Any]]:
     """img/s of MobileNetV2 training steps (same initial weights, augment=standard) fed from in-memory tensors
-    (the baseline: no input cost), the CPU PIL loader, and the device-side pipeline (data.decode=gpu)."""
+    (the baseline: no input cost), the CPU PIL loader, the device-side pipeline (data.decode=gpu) and the uint8
+    memmap cache (data.cache; built before timing, as a second run finds it: its one-off build time is reported)."""
     paths, targets = list_images(folder)
     dev = torch.device(device)
     workers = default_num_workers() if workers is None else workers
@@ -176,24 +179,40 @@ def bench_image_pipeline(folder: str, batch_size: int = 32, steps: int = 16, dev
     in_memory: Iterable[Batch] = iter(lambda: ({IMAGE_INPUT: memory}, torch.zeros(batch_size, dtype=torch.long,
                                                                                   device=dev)), None)
     augment = DeviceAugment(spec, CROP_SCALE["standard"])
+    with tempfile.TemporaryDirectory(prefix="deepship-bench-cache-") as tmp:
+        start = time.perf_counter()
+        cached = build_image_cache(paths, spec, cache_path(tmp, paths, spec), workers, progress=False)
+        build_s = time.perf_counter() - start
+        results = _bench_image_feeds(built, initial, paths, targets, spec, memory, in_memory, augment, cached, dev,
+                                     batch_size, steps, workers)
+    for result in results:
+        result.update({"benchmark": "image_pipeline", "images": len(paths), "batch_size": batch_size,
+                       "image_size": image_size, "device": device, "workers": workers})
+        if result["name"] == "uint8_cache":
+            result["cache_build_s"] = round(build_s, 2)
+    return with_ratios(results, "samples_per_s")
+
+
+def _bench_image_feeds(built: Backbone, initial: dict[str, torch.Tensor], paths: list[str], targets: np.ndarray,
+                       spec: Any, memory: torch.Tensor, in_memory: Iterable[Batch], augment: DeviceAugment,
+                       cached: Path, dev: torch.device, batch_size: int, steps: int, workers: int
+                       ) -> list[dict[str, Any]]:
+    to_dev = lambda b: ({k: v.to(dev, non_blocking=True) for k, v in b[0].items()}, b[1].to(dev))  # noqa: E731
     pipelines = (
         ("in_memory_tensors", iter(in_memory), lambda b: b),
         ("cpu_pil", image_batches(ImageDataset(paths, targets, train_transform(spec, "standard")), collate_images,
-                                  batch_size, workers),
-         lambda b: ({k: v.to(dev, non_blocking=True) for k, v in b[0].items()}, b[1].to(dev))),
+                                  batch_size, workers), to_dev),
         ("device_decode", image_batches(EncodedImageDataset(paths, targets), collate_encoded, batch_size, workers),
          lambda b: augment(b, dev) if isinstance(b, EncodedBatch) else b),
+        ("uint8_cache", image_batches(CachedImageDataset(cached, targets, cached_transform(spec, "standard")),
+                                      collate_images, batch_size, workers), to_dev),
     )
     results = []
     for name, batches, to_device in pipelines:
         built.net.load_state_dict(initial)
         net = built.net.to(dev)
-        records = train_steps(net, batches, steps, dev, to_device)
-        result = summarize(name, records)
-        result.update({"benchmark": "image_pipeline", "images": len(paths), "batch_size": batch_size,
-                       "image_size": image_size, "device": device, "workers": workers})
-        results.append(result)
-    return with_ratios(results, "samples_per_s")
+        results.append(summarize(name, train_steps(net, batches, steps, dev, to_device)))
+    return results
 
 
 def write_bench_jpegs(folder: str | Path, n: int = 256, size: tuple[int, int] = (320, 240), classes: int = 2,

@@ -73,13 +73,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
+def resize_shorter_side(img: Image.Image, spec: ImageSpec) -> Image.Image:
     w, h = img.size
     scale = spec.resize_size / min(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    img = img.resize(size, Image.Resampling[spec.interpolation.upper()])
-    left = (size[0] - spec.image_size) // 2
-    top = (size[1] - spec.image_size) // 2
+    return img.resize(size, Image.Resampling[spec.interpolation.upper()])
+
+
+def center_offsets(size: tuple[int, int], crop: int) -> tuple[int, int]:
+    """(left, top) of a centred crop x crop box in an image of `size` (w, h); rounds down."""
+    return (size[0] - crop) // 2, (size[1] - crop) // 2
+
+
+def resize_center_crop(img: Image.Image, spec: ImageSpec) -> Image.Image:
+    img = resize_shorter_side(img, spec)
+    left, top = center_offsets(img.size, spec.image_size)
     return img.crop((left, top, left + spec.image_size, top + spec.image_size))
 
 
