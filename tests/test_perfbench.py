@@ -33,6 +33,14 @@ def test_bench_train_compares_the_toolkit_step_with_a_plain_loop(capsys: pytest.
     assert row["peak_gpu_memory_mib"] is None  # reported on CUDA only
 
 
+def test_bench_train_takes_a_local_text_model(tiny_bert_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """--backbone: any local Hugging Face folder (the GPU script uses MiniLM's shape with random weights)."""
+    assert cli.main(["bench", "train", "--modality", "text", "--backbone", str(tiny_bert_dir), "--steps", "2",
+                     "--batch-size", "4", "--seq-len", "16", "--device", "cpu"]) == 0
+    (row,) = bench_lines(capsys)
+    assert row["backbone"] == str(tiny_bert_dir) and row["seq_len"] == 16 and row["toolkit_samples_per_s"] > 0
+
+
 def test_bench_runtime_times_both_runtimes_on_the_same_input(tiny_text_run: Path, text_package: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["bench", "runtime", "--run", str(tiny_text_run), "--package", str(text_package),

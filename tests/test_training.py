@@ -244,3 +244,14 @@ def test_a_named_sdpa_backend_that_cannot_run_is_a_config_error(text_csv: Path, 
     assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: train.sdpa_backend: efficient cannot run this model's attention on cpu")
+
+
+def test_a_saved_classifier_with_other_labels_gets_a_fresh_head_and_keeps_its_encoder(tiny_bert_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)  # a 2-label head
+    cfg = Config.model_validate({"task": "text_classification", "data": {"train": "x.csv"},
+                                 "model": {"backbone": str(tiny_bert_dir)}}, context={"skip_path_checks": True})
+    built = build_backbone(cfg.task, cfg.model, cfg.data, 5).net.model
+    assert built.classifier.out_features == 5
+    torch.testing.assert_close(built.bert.encoder.state_dict(), saved.bert.encoder.state_dict())

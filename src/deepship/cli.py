@@ -187,7 +187,7 @@ def cmd_bench_perf(args: argparse.Namespace) -> int:
     from deepship.perfbench import bench_train
 
     print_results(bench_train(args.modality, args.steps, args.batch_size, args.image_size, args.seq_len,
-                              args.compile, args.device))
+                              args.compile, args.device, args.backbone))
     return 0
 
 
@@ -204,7 +204,7 @@ def bench_pipeline(args: argparse.Namespace) -> int:
         if not data.is_dir():
             raise ConfigError(f"--data {data}: not found; give the rt-polarity folder (rt-polarity.pos/.neg)")
         rows = rt_polarity_rows(data)[: max(args.batch_size * (args.steps + 5) * 4, 1000)]
-        print_results(pipeline_bench.bench_text_padding([t for t, _ in rows], [y for _, y in rows],
+        print_results(pipeline_bench.bench_text_padding([t for t, _ in rows], [y for _, y in rows], args.backbone,
                                                         batch_size=args.batch_size, steps=args.steps, device=device))
         return 0
     folder = args.data or str(pipeline_bench.write_bench_jpegs(Path(args.out or "checkpoints/bench-pipeline") / "jpegs"))
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--image-size", type=int, default=64, help="train: image size (default 64; GPU anchor: 224)")
     perf.add_argument("--seq-len", type=int, default=64, help="train: text sequence length (default 64)")
     perf.add_argument("--compile", action="store_true", help="train: torch.compile both loops")
+    perf.add_argument("--backbone", default="all-MiniLM-L6-v2",
+                      help="train, pipeline: the text model (alias or local Hugging Face folder; default all-MiniLM-L6-v2)")
     perf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="train: device (default auto)")
     perf.add_argument("--run", default=None, help="runtime: the run directory the package was exported from")
     add_bench_serve_options(bench)

@@ -140,7 +140,7 @@ def bench_train(modality: str = "image", steps: int = 20, batch_size: int = 32, 
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return [{"kind": "train_step", "modality": modality, "device": device_name, "precision": precision,
              "compile": compile, "batch_size": batch_size, "steps": steps,
-             **({"image_size": image_size} if modality == "image" else {"seq_len": seq_len}),
+             **({"image_size": image_size} if modality == "image" else {"seq_len": seq_len, "backbone": text_backbone}),
              "plain_samples_per_s": round(plain, 1), "toolkit_samples_per_s": round(toolkit, 1),
              "toolkit_over_plain": round(toolkit / plain, 3),
              "peak_gpu_memory_mib": None if peak is None else round(peak, 1)}]

@@ -209,7 +209,10 @@ def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int) -> Ba
             model = AutoModelForSequenceClassification.from_config(hf_config)
         else:
             source = resolve_text_source(cfg.backbone)
-            model = _hf_load(AutoModelForSequenceClassification.from_pretrained, source, config=hf_config)
+            # A saved classifier with another label count (a model fine-tuned elsewhere) gets a fresh head for
+            # this task's classes instead of a size-mismatch error; the encoder weights load as they are.
+            model = _hf_load(AutoModelForSequenceClassification.from_pretrained, source, config=hf_config,
+                             ignore_mismatched_sizes=True)
     except Exception as exc:
         raise _hf_error(cfg, exc) from None
     model.train()  # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout would be off
