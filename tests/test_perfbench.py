@@ -130,3 +130,47 @@ def test_training_steps_do_not_wait_for_the_device(modality: str, image_dir: Pat
     assert len(inner) >= 4
     assert [(step, sites) for step, sites in inner if sites] == []
     assert any(sites for _, last, sites in probe.by_step if last)  # the epoch ends do read (validation, logging)
+
+
+class GraphCounter(Callback):
+    """Distinct training batch shapes, and dynamo's compiled-graph count at each epoch start."""
+
+    def __init__(self) -> None:
+        self.shapes: set[tuple[int, ...]] = set()
+        self.graphs_at_epoch_start: list[int] = []
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        import torch._dynamo.utils
+
+        self.graphs_at_epoch_start.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.shapes.add(tuple(batch[0]["input_ids"].shape))
+
+
+def test_compiled_text_training_stops_compiling_after_the_first_epoch(tiny_bert_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.compile with length-grouped batches: a bounded number of graphs, none new after the first epoch,
+    although batch lengths keep changing (dynamo's guards are the same under any backend; the eager backend
+    spares the test inductor's code generation)."""
+    import random
+
+    import torch._dynamo
+
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compile_(self, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    rng = random.Random(0)
+    words = ["good", "bad", "fine", "movie", "plot", "acting", "great", "awful"]
+    rows = [f"{' '.join(rng.choice(words) for _ in range(rng.randint(2, 60)))},{rng.choice(['pos', 'neg'])}"
+            for _ in range(240)]
+    (tmp_path / "t.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    raw = text_config(tmp_path / "t.csv", tiny_bert_dir, tmp_path / "runs", max_epochs=3, batch_size=16, compile=True)
+    raw["data"]["max_length"] = 64
+    counter = GraphCounter()
+    fit(load_config(write_config(tmp_path / "c.yaml", raw)), [counter])
+    assert len(counter.shapes) >= 3  # lengths 16, 32, 48, 64 (multiples of data.pad_to_multiple_of)
+    first, second, third = counter.graphs_at_epoch_start
+    assert second == third <= 6  # every shape of the data was met in epoch 1; later epochs compile nothing
+    torch._dynamo.reset()
