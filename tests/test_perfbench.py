@@ -174,3 +174,37 @@ def test_compiled_text_training_stops_compiling_after_the_first_epoch(tiny_bert_
     first, second, third = counter.graphs_at_epoch_start
     assert second == third <= 6  # every shape of the data was met in epoch 1; later epochs compile nothing
     torch._dynamo.reset()
+
+
+def test_bench_pipeline_image_compares_every_feed_with_in_memory_tensors(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["bench", "pipeline", "--modality", "image", "--steps", "3", "--batch-size", "8",
+                     "--image-size", "32", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = {r["name"]: r for r in bench_lines(capsys)}
+    assert list(rows) == ["in_memory_tensors", "cpu_pil", "device_decode", "uint8_cache"]
+    assert rows["in_memory_tensors"]["ratio"] == 1.0 and rows["uint8_cache"]["cache_build_s"] >= 0
+    for row in rows.values():
+        assert row["steps"] == 3 and row["images"] == 256 and row["baseline"] == "in_memory_tensors"
+        assert row["ratio"] == pytest.approx(row["samples_per_s"] / rows["in_memory_tensors"]["samples_per_s"],
+                                             abs=2e-3)
+
+
+def test_bench_pipeline_text_measures_padding_and_shapes(tiny_bert_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    import random
+
+    rng = random.Random(0)
+    for suffix in ("pos", "neg"):  # rt-polarity's format: one sentence per line, latin-1
+        lines = [" ".join(rng.choice(["a", "fine", "movie", "with", "dull", "plot"]) for _ in range(rng.randint(3, 70)))
+                 for _ in range(100)]
+        (tmp_path / f"rt-polarity.{suffix}").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    assert cli.main(["bench", "pipeline", "--modality", "text", "--data", str(tmp_path), "--backbone",
+                     str(tiny_bert_dir), "--steps", "4", "--batch-size", "8", "--device", "cpu"]) == 0
+    rows = {r["name"]: r for r in bench_lines(capsys)}
+    assert list(rows) == ["pad_to_max_length", "pad_16_random_order", "grouped_pad_16", "grouped_pad_32"]
+    assert rows["pad_to_max_length"]["distinct_shapes"] == 1  # one length: max_length
+    # grouping similar lengths pads less than padding each random batch to its longest (same multiple)
+    assert rows["grouped_pad_16"]["padding_share"] < rows["pad_16_random_order"]["padding_share"] \
+        < rows["pad_to_max_length"]["padding_share"]
+    assert all(set(shape) == {"steps", "first_s", "first_call_s"} for r in rows.values()
+               for shape in r["shapes"].values())  # the first-call cost of each shape is reported
