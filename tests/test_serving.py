@@ -175,6 +175,29 @@ def test_images_by_base64_json_and_by_multipart_upload_agree(image_server: Runni
     assert data_url.json()["predictions"][0]["label"] == expected[0].label
 
 
+def test_each_uploaded_image_is_decoded_once(image_server: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode that validates an upload is the one the model gets (no second decode on the model thread)."""
+    from deepship.runtime import predictor as predictor_module
+    from deepship.runtime import preprocess
+    from deepship.serving import app as app_module
+
+    decodes = []
+    original = preprocess.load_image
+
+    def counting(source):
+        if isinstance(source, bytes):
+            decodes.append(len(source))
+        return original(source)
+
+    for module in (preprocess, predictor_module, app_module):
+        monkeypatch.setattr(module, "load_image", counting)
+    images = [png_bytes("red", seed=4), png_bytes("blue", seed=5)]
+    with image_server.client() as client:
+        response = client.post("/v1/predict", json={"images": [b64(x) for x in images]})
+    assert response.status_code == 200, response.text
+    assert decodes == [len(x) for x in images]
+
+
 def test_model_health_and_readiness_endpoints(text_server: Running, text_package: Path) -> None:
     manifest = json.loads((text_package / "package.json").read_text())
     with text_server.client() as client:

@@ -225,7 +225,7 @@ def declared_length(scope: Scope) -> int:
 class ParsedInput:
     """One validated input: what the predictor gets, summary stats for the log, and the raw form if logged."""
 
-    value: str | bytes
+    value: str | Image.Image  # a text, or an image decoded once while validating it
     stats: dict[str, Any]
     raw: str | None = None
     truncated: bool = False
@@ -311,8 +311,9 @@ def decode_base64(text: str, where: str) -> bytes:
     return data
 
 
-def inspect_image(data: bytes, where: str, settings: ServeSettings) -> dict[str, Any]:
-    """Size check from the header (before decoding: no decompression bombs), then a full decode and stats."""
+def inspect_image(data: bytes, where: str, settings: ServeSettings) -> tuple[Image.Image, dict[str, Any]]:
+    """Size check from the header (before decoding: no decompression bombs), then a full decode and stats.
+    The decoded image is what the model gets: one decode per upload (max_image_pixels bounds its memory)."""
     try:
         with Image.open(io.BytesIO(data)) as header:
             (width, height), fmt = header.size, header.format
@@ -331,7 +332,7 @@ def inspect_image(data: bytes, where: str, settings: ServeSettings) -> dict[str,
         raise ApiError(400, "invalid_image", f"{where}: cannot decode the image ({type(exc).__name__}); "
                                              "send a complete JPEG/PNG file") from None
     # the monitor's image signals, computed as export computed the reference (deepship.runtime.stats)
-    return {"bytes": len(data), "format": fmt, **image_stats(img)}
+    return img, {"bytes": len(data), "format": fmt, **image_stats(img)}
 
 
 def parse_images(sources: list[tuple[str, bytes | str]], settings: ServeSettings) -> list[ParsedInput]:
@@ -341,9 +342,9 @@ def parse_images(sources: list[tuple[str, bytes | str]], settings: ServeSettings
         data = decode_base64(source, where) if isinstance(source, str) else source
         if not data:
             raise ApiError(400, "empty_input", f"{where}: empty file; upload the image's bytes")
-        stats = inspect_image(data, where, settings)
+        img, stats = inspect_image(data, where, settings)
         raw = base64.b64encode(data).decode("ascii") if settings.log_inputs else None
-        out.append(ParsedInput(data, stats, raw=raw))
+        out.append(ParsedInput(img, stats, raw=raw))
     return out
 
 
