@@ -57,7 +57,7 @@ def step_ms(net: nn.Module, inputs: dict[str, torch.Tensor], name: str, repeats:
                     times.append((time.perf_counter() - start) * 1000)
     except RuntimeError:  # "No available kernel": this backend does not take these shapes, dtype or mask
         return None
-    return sorted(times)[len(times) // 2]
+    return round(sorted(times)[len(times) // 2], 3)
 
 
 def measure_backends(net: nn.Module, inputs: dict[str, torch.Tensor], names: tuple[str, ...], repeats: int = 3,
