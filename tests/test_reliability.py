@@ -573,3 +573,58 @@ def test_guard_skip_mode_skips_only_bad_steps_and_counts_them(recwarn: pytest.Wa
     messages = [str(w.message) for w in recwarn if "non-finite" in str(w.message)]
     assert messages == ["train: non-finite loss (nan) at global step 1 (epoch 0, batch 1) and 1 later batch(es); "
                         "skipped (train.nonfinite=skip)"]
+
+
+def test_bf16_mixed_precision_with_clipping_trains_sync_free(small_images: Path, tmp_path: Path) -> None:
+    """The GPU default (bf16-mixed, grad_clip 1.0) with fused AdamW: Lightning's plugin would refuse to clip for
+    a fused optimizer; the module clips itself. Run here on CPU bf16."""
+
+    class Probe(Callback):
+        def on_train_end(self, trainer, module) -> None:
+            self.sync_free, self.fused = module.sync_free, trainer.optimizers[0].param_groups[0]["fused"]
+
+    probe = Probe()
+    raw = image_config(small_images, tmp_path / "runs", max_epochs=1, batch_size=4, precision="bf16-mixed",
+                       accelerator="cpu", grad_clip=1.0)
+    run = fit_config(raw, tmp_path / "c.yaml", [probe])
+    assert probe.sync_free and probe.fused
+    assert json.loads((run / "metrics.json").read_text())["precision"] == "bf16-mixed"
+
+
+def test_fused_clipping_caps_the_gradient_norm() -> None:
+    from deepship.models.classifier import ClassifierModule
+
+    net = torch.nn.Linear(4, 2)
+    module = ClassifierModule(net, 2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in net.parameters()]))
+    assert total.item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_resuming_a_checkpoint_of_a_foreach_optimizer_keeps_the_per_step_check(small_images: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """last.ckpt from before fused AdamW: its param groups say foreach, so found_inf must not be handed over."""
+    from deepship.models import classifier
+
+    real = torch.optim.AdamW
+
+    class ForeachAdamW(real):
+        def __init__(self, *args, fused=None, **kwargs) -> None:
+            super().__init__(*args, foreach=True, **kwargs)
+
+    raw = image_config(small_images, tmp_path / "runs", max_epochs=1, batch_size=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(classifier.torch.optim, "AdamW", ForeachAdamW)
+        fit_config(raw, tmp_path / "a.yaml")
+
+    class Probe(Callback):
+        def on_train_end(self, trainer, module) -> None:
+            self.sync_free = module.sync_free
+
+    probe = Probe()
+    run = fit_config(raw, tmp_path / "b.yaml", [probe], max_epochs=2, resume="auto")
+    assert probe.sync_free is False  # the restored groups are foreach: the per-step check, no crash
+    assert load_ckpt(run / "last.ckpt")["epoch"] == 1

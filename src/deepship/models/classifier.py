@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
@@ -128,10 +129,26 @@ class ClassifierModule(L.LightningModule):
                                                           else 0)
 
     def on_train_start(self) -> None:
-        # With fp16's GradScaler the scaler owns found_inf (and skips overflowed steps itself): check per step.
+        # After a resume the param groups are the checkpoint's: one written by a foreach AdamW (an older run)
+        # keeps the per-step check. With fp16's GradScaler the scaler owns found_inf: per-step check too.
         optimizer = self.trainer.optimizers[0]
-        self.sync_free = bool(optimizer.defaults.get("fused")) and \
+        self.sync_free = all(group.get("fused") for group in optimizer.param_groups) and \
             getattr(self.trainer.precision_plugin, "scaler", None) is None
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if not gradient_clip_val:
+            return
+        if any(group.get("fused") for group in optimizer.param_groups):
+            # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (one that may unscale
+            # internally); fused is only chosen without a GradScaler, so these gradients are true-scale.
+            grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(grads, gradient_clip_val, foreach=True)
+            else:
+                torch.nn.utils.clip_grad_norm_(grads, gradient_clip_val, foreach=True)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.sync_free:
@@ -179,8 +196,12 @@ class ClassifierModule(L.LightningModule):
         o = self.optim
         groups = layerwise_param_groups(self.net, self.layers, head_lr=o.lr, backbone_lr=o.backbone_lr or o.lr,
                                         layer_decay=o.layer_decay, weight_decay=o.weight_decay)
-        # fused: one kernel for the whole update, and it can skip a non-finite step on the device (found_inf)
-        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in self.net.parameters())
+        # fused: one kernel for the whole update, and it can skip a non-finite step on the device (found_inf).
+        # Not with fp16's GradScaler (the scaler owns found_inf, and clipping would see scaled gradients) nor
+        # with FSDP (sharded gradients are clipped by FSDP itself, through Lightning's plugin).
+        fused = getattr(self.trainer.precision_plugin, "scaler", None) is None \
+            and not isinstance(self.trainer.strategy, FSDPStrategy) \
+            and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in self.net.parameters())
         optimizer = torch.optim.AdamW(groups, lr=o.lr, fused=True) if fused else \
             torch.optim.AdamW(groups, lr=o.lr, foreach=True)
         total = int(self.trainer.estimated_stepping_batches)
