@@ -197,6 +197,31 @@ def test_text_net_builds_the_sdpa_mask_on_the_device_with_the_models_own_logits(
     assert not torch.equal(ours[0], unmasked[0])  # the mask is applied: the padded row differs
 
 
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert",
+                                        "albert", "gpt2"])
+def test_the_device_built_mask_is_used_only_where_it_gives_the_same_logits(model_type: str) -> None:
+    """Encoders in BIDIRECTIONAL_ENCODERS get the 4-D mask with unchanged logits; a decoder (causal masks, which
+    a 4-D mask would replace) keeps the 2-D one."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from deepship.models.backbones import BIDIRECTIONAL_ENCODERS, TextNet
+
+    sizes = {"distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+             "gpt2": dict(n_embd=32, n_layer=2, n_head=2, pad_token_id=0)}.get(
+        model_type, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         embedding_size=32))
+    config = AutoConfig.for_model(model_type, num_labels=3, vocab_size=100, max_position_embeddings=80, **sizes)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    ids, mask = torch.randint(5, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[0, 7:] = 0
+    net = TextNet(model)
+    assert (net.sdpa_mask(mask).ndim == 4) == (model_type in BIDIRECTIONAL_ENCODERS)
+    with torch.no_grad():
+        torch.testing.assert_close(net(input_ids=ids, attention_mask=mask),
+                                   model(input_ids=ids, attention_mask=mask).logits)
+
+
 def tiny_text_net(tiny_bert_dir: Path, attention_dropout: float):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -117,6 +117,10 @@ IMAGE_BACKBONES: dict[str, Callable[[ModelConfig, int], Backbone]] = {
 
 
 # --------------------------------------------------------------------------------------- text
+# model types checked to give the same logits with a (N, 1, 1, L) bool mask as with the (N, L) one
+BIDIRECTIONAL_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert"})
+
+
 class TextNet(nn.Module):
     """A Hugging Face sequence classifier called by input name, returning plain logits."""
 
@@ -129,6 +133,14 @@ class TextNet(nn.Module):
     def uses_sdpa(self) -> bool:
         return getattr(self.model.config, "_attn_implementation", None) == "sdpa"
 
+    @property
+    def plain_padding_mask(self) -> bool:
+        """SDPA encoders whose only mask is the padding mask: a 4-D mask is used as given, so a model that builds
+        causal or sliding-window masks (decoders, ModernBERT's local layers) must keep getting the 2-D one.
+        Checked to give the same logits: tests/test_training.py."""
+        config = self.model.config
+        return self.uses_sdpa and config.model_type in BIDIRECTIONAL_ENCODERS and not getattr(config, "is_decoder", False)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
@@ -139,7 +151,7 @@ class TextNet(nn.Module):
         """(N, L) 0/1 -> (N, 1, 1, L) bool for SDPA, built on the device. Given the 2-D mask, transformers asks the
         host whether the batch has any padding (`mask.all()`), a device sync in every forward and backward step;
         a 4-D mask is used as it is. Same logits (tests/test_training.py)."""
-        if not self.uses_sdpa or attention_mask.ndim != 2:
+        if not self.plain_padding_mask or attention_mask.ndim != 2:
             return attention_mask
         return attention_mask[:, None, None, :].bool()
 
