@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -303,7 +304,36 @@ def test_cache_holds_the_runtimes_pixels_and_is_built_once(tmp_path: Path) -> No
     path.write_bytes(path.read_bytes()[:200])
     cache.build_image_cache(paths, spec, path, progress=False)
     assert np.load(path, mmap_mode="r").shape == (4, 27, 27, 3)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    assert [p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")] == [path.name]  # no temp file
+
+
+def test_concurrent_cache_builds_wait_for_each_other_and_decode_once(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two builders of one cache (DDP ranks, two runs on the same data): one builds, the other finds its file."""
+    import threading
+
+    from deepship.data import cache
+
+    paths = photo_files(tmp_path / "img", [(50, 40)] * 6)
+    path = cache.cache_path(tmp_path / "out", paths, SPEC)
+    decodes, real = [], cache._Decode.__getitem__
+
+    def slow_decode(self, i):
+        decodes.append(i)
+        time.sleep(0.02)  # long enough for the builds to overlap
+        return real(self, i)
+
+    monkeypatch.setattr(cache._Decode, "__getitem__", slow_decode)
+    results = []
+    builders = [threading.Thread(target=lambda: results.append(cache.build_image_cache(paths, SPEC, path,
+                                                                                       progress=False)))
+                for _ in range(2)]
+    for t in builders:
+        t.start()
+    for t in builders:
+        t.join()
+    assert results == [path, path] and sorted(decodes) == list(range(6))  # one build, not two
+    assert np.load(path, mmap_mode="r").shape == (6, SPEC.resize_size, SPEC.resize_size, 3)
 
 
 def test_cached_training_samples_are_random_crops_of_the_cached_square(tmp_path: Path) -> None:
@@ -333,7 +363,7 @@ def test_tiny_model_learns_from_the_cache_and_a_second_run_reuses_it(image_dir: 
         raw = image_config(image_dir, tmp_path / "runs", max_epochs=10 if name == "a" else 1, run_name=name)
         raw["data"]["cache"] = True
         runs.append(fit(load_config(write_config(tmp_path / f"{name}.yaml", raw))))
-    files = list((tmp_path / "runs" / ".cache").iterdir())
+    files = list((tmp_path / "runs" / ".cache").glob("*.npy"))
     assert len(files) == 1 and len(builds) == np.load(files[0], mmap_mode="r").shape[0]  # decoded once, not twice
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["val"]["accuracy"] >= 1 / 3 + 0.3, metrics["val"]  # chance is 1/3

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +30,8 @@ from deepship.runtime.preprocess import ImageSpec, center_offsets, load_image, r
 CACHE_FORMAT = 1
 
 
-def cache_key(paths: Sequence[str], size: int) -> str:
-    digest = hashlib.sha256(f"deepship-image-cache-{CACHE_FORMAT}-{size}-{len(paths)}".encode())
+def cache_key(paths: Sequence[str], spec: ImageSpec) -> str:
+    digest = hashlib.sha256(f"deepship-image-cache-{CACHE_FORMAT}-{sorted(spec.to_dict().items())}-{len(paths)}".encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
@@ -38,7 +39,7 @@ def cache_key(paths: Sequence[str], size: int) -> str:
 
 
 def cache_path(out_dir: str | Path, paths: Sequence[str], spec: ImageSpec) -> Path:
-    return Path(out_dir) / ".cache" / f"images-{cache_key(paths, spec.resize_size)}.npy"
+    return Path(out_dir) / ".cache" / f"images-{cache_key(paths, spec)}.npy"
 
 
 def margin(spec: ImageSpec) -> int:
@@ -72,14 +73,40 @@ def usable(path: Path, n: int, size: int) -> bool:
         return False
 
 
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """One builder at a time per cache file, across processes (DDP ranks, two runs on the same data)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unique temp names still keep builds from mixing
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_image_cache(paths: Sequence[str], spec: ImageSpec, path: Path, workers: int = 0,
                       progress: bool = True) -> Path:
-    """Decode `paths` once into `path` (atomically); an existing usable cache is returned as it is."""
+    """Decode `paths` once into `path` (atomically); an existing usable cache is returned as it is. Concurrent
+    builders wait for each other and then find the first one's file."""
     size = spec.resize_size
     if usable(path, len(paths), size):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    with exclusive(path.with_name(path.name + ".lock")):
+        if usable(path, len(paths), size):  # another process built it while this one waited
+            return path
+        _build(paths, spec, path, workers, progress)
+    return path
+
+
+def _build(paths: Sequence[str], spec: ImageSpec, path: Path, workers: int, progress: bool) -> None:
+    size = spec.resize_size
+    tmp = temp_path(path).with_name(f"{temp_path(path).name}.{os.getpid()}")  # never shared by two builders
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
         loader = DataLoader(_Decode(paths, spec), batch_size=64, num_workers=workers,
@@ -104,7 +131,6 @@ def build_image_cache(paths: Sequence[str], spec: ImageSpec, path: Path, workers
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
 
 
 def cached_transform(spec: ImageSpec, preset: str) -> Callable[[torch.Tensor], torch.Tensor]:

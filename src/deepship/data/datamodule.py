@@ -178,6 +178,9 @@ class ClassificationData(L.LightningDataModule):
         else:
             spec: ImageSpec = backbone.preprocessing
             # the cache replaces per-epoch decoding altogether (crops come from the decoded squares)
+            if cfg.data.cache and cfg.data.decode == "gpu":
+                warnings.warn("data.decode=gpu: data.cache is on, so training images are decoded once into the "
+                              "cache and never again; data.decode does not apply", stacklevel=2)
             self.decode = "cpu" if cfg.data.cache else resolve_decode(cfg, splits.train.inputs)
             self._make = lambda s, train: self._image_dataset(s, spec, train)
             self.collate = collate_images
