@@ -280,3 +280,27 @@ def test_a_saved_classifier_with_other_labels_gets_a_fresh_head_and_keeps_its_en
     built = build_backbone(cfg.task, cfg.model, cfg.data, 5).net.model
     assert built.classifier.out_features == 5
     torch.testing.assert_close(built.bert.encoder.state_dict(), saved.bert.encoder.state_dict())
+
+
+def test_a_resume_on_other_hardware_measures_the_sdpa_backend_again(tiny_bert_dir: Path) -> None:
+    """The stored choice is kept only where it was measured (device, precision, setting)."""
+    from deepship.training import AttentionBackend
+
+    class FakeTrainer:
+        world_size, is_global_zero, precision = 1, True, "32-true"
+        strategy = type("S", (), {"root_device": torch.device("cpu")})()
+        precision_plugin = type("P", (), {"forward_context": staticmethod(lambda: __import__("contextlib").nullcontext())})()
+
+    net, inputs = tiny_text_net(tiny_bert_dir, attention_dropout=0.0)
+    module = type("M", (), {"net": net, "device": torch.device("cpu")})()
+    callback = AttentionBackend("auto", inputs)
+    callback.load_state_dict({"chosen": "cudnn", "timings": {"cudnn": 1.0},
+                              "measured_on": {"device": "cuda (NVIDIA H100)", "precision": "bf16-mixed", "setting": "auto"}})
+    callback.on_train_start(FakeTrainer(), module)
+    assert callback.chosen in ("flash", "math") and net.sdpa_backend == callback.chosen  # re-measured here
+    assert callback.measured_on == {"device": "cpu", "precision": "32-true", "setting": "auto"}
+    kept = AttentionBackend("auto", inputs)
+    kept.load_state_dict(callback.state_dict())
+    kept.timings = {"sentinel": 0.0}
+    kept.on_train_start(FakeTrainer(), module)
+    assert kept.timings == {"sentinel": 0.0}  # same place: the stored choice, no new measurement

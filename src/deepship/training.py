@@ -207,12 +207,14 @@ class AttentionBackend(Callback):
         self.setting, self.batch = setting, batch
         self.chosen: str | None = None
         self.timings: dict[str, float | None] = {}
+        self.measured_on: dict[str, str] = {}  # where the choice was measured: a resume elsewhere re-measures
 
     def state_dict(self) -> dict[str, Any]:
-        return {"chosen": self.chosen, "timings": self.timings}
+        return {"chosen": self.chosen, "timings": self.timings, "measured_on": self.measured_on}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.chosen, self.timings = state_dict.get("chosen"), state_dict.get("timings", {})
+        self.measured_on = state_dict.get("measured_on", {})
 
     def report(self) -> dict[str, Any] | None:
         return {"setting": self.setting, "chosen": self.chosen, "ms_per_step": self.timings} if self.chosen else None
@@ -221,13 +223,16 @@ class AttentionBackend(Callback):
         net = module.net
         if not isinstance(net, TextNet) or not net.uses_sdpa or self.setting == "default" or self.batch is None:
             return
+        here = {"device": describe_device(trainer), "precision": str(trainer.precision), "setting": self.setting}
+        if self.chosen is not None and self.measured_on != here:  # another card, precision or setting
+            self.chosen, self.timings = None, {}
         if self.chosen is None:
             if trainer.world_size > 1:
                 return
             names = DEVICE_BACKENDS.get(module.device.type, ("math",)) if self.setting == "auto" else (self.setting,)
             inputs = {k: v.to(module.device) for k, v in self.batch.items()}
             self.timings = measure_backends(net, inputs, names, autocast=trainer.precision_plugin.forward_context)
-            self.chosen = fastest(self.timings)
+            self.chosen, self.measured_on = fastest(self.timings), here
             if self.chosen is None:
                 raise ConfigError(f"train.sdpa_backend: {self.setting} cannot run this model's attention on "
                                   f"{module.device.type} at precision {trainer.precision}; use auto or default")
@@ -531,7 +536,8 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     throughput = ThroughputCallback()
     attention = AttentionBackend(cfg.train.sdpa_backend, data.typical_text_batch())
     steps = -(-len(splits.train) // cfg.train.batch_size)
-    trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), throughput, attention,
+    # attention before throughput: its measurement at train start is not training time
+    trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), attention, throughput,
                                            *extra_callbacks], steps)
     fit_or_preempt(trainer, module, data, resume, run_dir)
     if not trainer.is_global_zero:

@@ -27,7 +27,15 @@ DEVICE_BACKENDS = {"cuda": ("flash", "efficient", "cudnn", "math"), "cpu": ("fla
 
 
 def backend_context(name: str | None) -> AbstractContextManager[Any]:
-    return sdpa_kernel([BACKENDS[name]]) if name else nullcontext()
+    """The chosen backend first, math as the fallback for a shape or mask the chosen one cannot take (a longer
+    bucket than the measured batch, an evaluation batch), so that never stops a run."""
+    if not name:
+        return nullcontext()
+    return sdpa_kernel([BACKENDS[name]] + ([SDPBackend.MATH] if name != "math" else []), set_priority=True)
+
+
+def measuring_context(name: str) -> AbstractContextManager[Any]:
+    return sdpa_kernel([BACKENDS[name]])  # no fallback: a backend that cannot run must say so
 
 
 def sync(device: torch.device) -> None:
@@ -43,7 +51,7 @@ def step_ms(net: nn.Module, inputs: dict[str, torch.Tensor], name: str, repeats:
     device = next(net.parameters()).device
     times = []
     try:
-        with warnings.catch_warnings(), backend_context(name):
+        with warnings.catch_warnings(), measuring_context(name):
             warnings.simplefilter("ignore")  # "Flash attention does not support ..." for each refused backend
             for i in range(warmup + repeats):
                 sync(device)
