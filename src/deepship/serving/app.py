@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -46,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepship.errors import DataError, DeepshipError
 from deepship.runtime.predictor import Prediction, Predictor
-from deepship.runtime.preprocess import load_image
+from deepship.runtime.preprocess import ImageSpec, load_image, preprocess_image
 from deepship.runtime.stats import TEXT_SIGNALS, image_stats
 from deepship.serving.batching import MicroBatcher
 from deepship.serving.predlog import PredictionLog, log_path_for_worker
@@ -225,7 +226,7 @@ def declared_length(scope: Scope) -> int:
 class ParsedInput:
     """One validated input: what the predictor gets, summary stats for the log, and the raw form if logged."""
 
-    value: str | Image.Image  # a text, or an image decoded once while validating it
+    value: str | np.ndarray  # a text, or an image preprocessed from the decode that validated it
     stats: dict[str, Any]
     raw: str | None = None
     truncated: bool = False
@@ -335,8 +336,11 @@ def inspect_image(data: bytes, where: str, settings: ServeSettings) -> tuple[Ima
     return img, {"bytes": len(data), "format": fmt, **image_stats(img)}
 
 
-def parse_images(sources: list[tuple[str, bytes | str]], settings: ServeSettings) -> list[ParsedInput]:
-    """(where, base64 text or raw bytes) -> validated inputs; CPU-bound, so callers run it off the loop."""
+def parse_images(sources: list[tuple[str, bytes | str]], settings: ServeSettings, spec: ImageSpec
+                 ) -> list[ParsedInput]:
+    """(where, base64 text or raw bytes) -> validated, preprocessed inputs: each upload is decoded once, and
+    its model array ((3, S, S) float32, small whatever the photo's size) is all a queued request holds. CPU-bound,
+    so callers run it off the loop, in parallel across requests."""
     out = []
     for where, source in sources:
         data = decode_base64(source, where) if isinstance(source, str) else source
@@ -344,7 +348,7 @@ def parse_images(sources: list[tuple[str, bytes | str]], settings: ServeSettings
             raise ApiError(400, "empty_input", f"{where}: empty file; upload the image's bytes")
         img, stats = inspect_image(data, where, settings)
         raw = base64.b64encode(data).decode("ascii") if settings.log_inputs else None
-        out.append(ParsedInput(img, stats, raw=raw))
+        out.append(ParsedInput(preprocess_image(img, spec), stats, raw=raw))
     return out
 
 
@@ -352,9 +356,9 @@ def parse_text_json(body: bytes, settings: ServeSettings) -> list[ParsedInput]:
     return parse_texts(payload_items(parse_json_object(body, JSON_EXAMPLE["text"]), "text", settings), settings)
 
 
-def parse_image_json(body: bytes, settings: ServeSettings) -> list[ParsedInput]:
+def parse_image_json(body: bytes, settings: ServeSettings, spec: ImageSpec) -> list[ParsedInput]:
     items = payload_items(parse_json_object(body, JSON_EXAMPLE["image"]), "image", settings)
-    return parse_images([(f"images[{i}]", text) for i, text in enumerate(items)], settings)
+    return parse_images([(f"images[{i}]", text) for i, text in enumerate(items)], settings, spec)
 
 
 async def read_multipart(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
@@ -380,19 +384,20 @@ async def read_multipart(request: Request, settings: ServeSettings) -> list[tupl
     return files
 
 
-async def read_inputs(request: Request, modality: str, settings: ServeSettings) -> list[ParsedInput]:
-    kind = media_type(request)
+async def read_inputs(request: Request, predictor: Predictor, settings: ServeSettings) -> list[ParsedInput]:
+    kind, modality = media_type(request), predictor.modality
     if kind == "application/json" or kind.endswith("+json"):
         body = await request.body()
-        parse = parse_text_json if modality == "text" else parse_image_json
-        if modality == "text" and len(body) <= INLINE_JSON_BYTES:
-            return parse(body, settings)  # small texts: a thread hop would cost more than the parse
-        return await run_in_threadpool(parse, body, settings)
+        if modality == "text":
+            if len(body) <= INLINE_JSON_BYTES:
+                return parse_text_json(body, settings)  # small texts: a thread hop would cost more than the parse
+            return await run_in_threadpool(parse_text_json, body, settings)
+        return await run_in_threadpool(parse_image_json, body, settings, predictor.spec)
     if kind == "multipart/form-data":
         if modality != "image":
             raise ApiError(415, "unsupported_media_type", f"a text model takes application/json {JSON_EXAMPLE['text']}")
         files = await read_multipart(request, settings)
-        return await run_in_threadpool(parse_images, files, settings)
+        return await run_in_threadpool(parse_images, files, settings, predictor.spec)
     accepted = "application/json" + (" or multipart/form-data" if modality == "image" else "")
     raise ApiError(415, "unsupported_media_type", f"Content-Type '{kind or 'none'}' is not supported; send {accepted} "
                                                   f"like {JSON_EXAMPLE[modality]}")
@@ -458,7 +463,8 @@ class ServingState:
         if self.settings.warmup:
             await run_in_threadpool(warm_up, predictor)
         s = self.settings
-        batcher = MicroBatcher(predictor.predict, s.max_batch_size, s.max_wait_ms, s.batching,
+        run = predictor.predict if predictor.modality == "text" else predictor.predict_arrays
+        batcher = MicroBatcher(run, s.max_batch_size, s.max_wait_ms, s.batching,
                                on_batch=self.metrics.batch_size.observe)
         await batcher.start()
         return ModelSlot(predictor, batcher, Path(package_dir))
@@ -623,7 +629,7 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
         slot = state.serving_slot()  # chosen once: this request sees one model, even across a reload
-        inputs = await read_inputs(request, slot.predictor.modality, state.settings)
+        inputs = await read_inputs(request, slot.predictor, state.settings)
         try:
             predictions = await slot.batcher.submit([item.value for item in inputs])
         except DataError as exc:  # validation passed but the runtime refused the input: still the client's
