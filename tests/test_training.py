@@ -304,3 +304,18 @@ def test_a_resume_on_other_hardware_measures_the_sdpa_backend_again(tiny_bert_di
     kept.timings = {"sentinel": 0.0}
     kept.on_train_start(FakeTrainer(), module)
     assert kept.timings == {"sentinel": 0.0}  # same place: the stored choice, no new measurement
+
+
+def test_a_saved_model_whose_encoder_does_not_fit_its_config_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """ignore_mismatched_sizes is for the head only: a mismatched encoder weight is a config error, not random."""
+    import json as json_module
+    import shutil
+
+    broken = Path(shutil.copytree(tiny_bert_dir, tmp_path / "bert"))
+    config = json_module.loads((broken / "config.json").read_text())
+    config["intermediate_size"] = 48  # the saved feed-forward weights are 64 wide
+    (broken / "config.json").write_text(json_module.dumps(config))
+    cfg = Config.model_validate({"task": "text_classification", "data": {"train": "x.csv"},
+                                 "model": {"backbone": str(broken)}}, context={"skip_path_checks": True})
+    with pytest.raises(ConfigError, match=r"encoder weights of other shapes than its config \(bert\.encoder"):
+        build_backbone(cfg.task, cfg.model, cfg.data, 2)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from deepship.config import Config
 from deepship.data.pipeline_bench import sync
+from deepship.errors import TrainingError
 from deepship.models.backbones import build_backbone
 from deepship.run import build_module
 from deepship.training import build_trainer, describe_device, resolve_precision
@@ -119,6 +120,8 @@ def toolkit_loop(cfg: Config, num_classes: int, batch: tuple[dict[str, torch.Ten
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_epochs": 1})})
     trainer = build_trainer(cfg, work, [timer], WARMUP + steps)
     trainer.fit(module, train_dataloaders=loader)
+    if timer.steps != steps or timer.end <= timer.start:  # e.g. a step skipped: no figure rather than a wrong one
+        raise TrainingError(f"bench train: the toolkit loop timed {timer.steps} of {steps} steps; nothing to report")
     return timer.steps * len(batch[1]) / (timer.end - timer.start), describe_device(trainer), str(trainer.precision)
 
 

@@ -223,10 +223,17 @@ def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int) -> Ba
             source = resolve_text_source(cfg.backbone)
             # A saved classifier with another label count (a model fine-tuned elsewhere) gets a fresh head for
             # this task's classes instead of a size-mismatch error; the encoder weights load as they are.
-            model = _hf_load(AutoModelForSequenceClassification.from_pretrained, source, config=hf_config,
-                             ignore_mismatched_sizes=True)
+            model, info = _hf_load(AutoModelForSequenceClassification.from_pretrained, source, config=hf_config,
+                                   ignore_mismatched_sizes=True, output_loading_info=True)
     except Exception as exc:
         raise _hf_error(cfg, exc) from None
+    if cfg.pretrained is not False:
+        # only the head may be replaced: a mismatched encoder weight would silently train from random values
+        prefix = f"{model.base_model_prefix}."
+        encoder = sorted(key for key, *_ in info.get("mismatched_keys", ()) if key.startswith(prefix))
+        if encoder:
+            raise ConfigError(f"model.backbone: '{cfg.backbone}' has encoder weights of other shapes than its "
+                              f"config ({', '.join(encoder[:3])}); give a checkpoint that matches its config.json")
     model.train()  # from_pretrained returns eval mode, and Lightning keeps modules' modes: dropout would be off
     return Backbone(TextNet(model), "text", spec, tokenizer=tokenizer, layers=encoder_layers(model))
 
