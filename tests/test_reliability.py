@@ -273,6 +273,8 @@ def test_nan_loss_skip_mode_skips_one_step_and_finishes(small_images: Path, tmp_
     last = load_ckpt(run / "last.ckpt")
     assert poison.skipped == 1 and poison.unchanged  # the poisoned batch changed no weight
     assert last["global_step"] == 5
+    train_loss = float((run / "history.csv").read_text().splitlines()[1].split(",")[1])
+    assert math.isfinite(train_loss)  # the epoch's loss leaves the skipped batch out
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 

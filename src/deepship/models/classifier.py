@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from deepship.errors import TrainingError
@@ -78,6 +78,7 @@ class ClassifierModule(L.LightningModule):
             "accuracy": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
             "macro_f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
         })
+        self.train_loss = MeanMetric(nan_strategy="disable")  # the epoch's training loss (model_step)
         # ModuleDict keys can be neither "/" paths nor Module attributes such as "train".
         self.metrics = nn.ModuleDict({f"{s}_metrics": metrics.clone(prefix=f"{s}/") for s in STAGES})
         self.guard = NonfiniteGuard(nonfinite)
@@ -114,11 +115,18 @@ class ClassifierModule(L.LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits.detach(), hard)
         n = hard.shape[0]
-        # sync_dist: with several processes the logged loss is the mean over all ranks (torchmetrics syncs itself)
-        # Not prog_bar for the per-step value: Lightning turns those into Python floats after every batch (a device
-        # sync per step); TimedProgressBar reads the loss itself when it redraws.
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "train",
-                 batch_size=n, sync_dist=True)
+        if stage == "train":
+            # The step value: this rank's loss, not prog_bar (Lightning turns prog_bar step values into Python
+            # floats after every batch, a device sync per step; TimedProgressBar reads the loss when it redraws).
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=n)
+            # The epoch mean leaves out steps the guard skipped (train.nonfinite=skip), without asking the host:
+            # they enter with weight 0. MeanMetric syncs across ranks itself, once, at the epoch's end.
+            finite = torch.isfinite(loss.detach())
+            self.train_loss.update(torch.where(finite, loss.detach(), 0.0), weight=finite.float() * n)
+            self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        else:
+            # sync_dist: with several processes the logged loss is the mean over all ranks
+            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=n)
         return loss
 
