@@ -336,6 +336,26 @@ def test_concurrent_cache_builds_wait_for_each_other_and_decode_once(tmp_path: P
     assert np.load(path, mmap_mode="r").shape == (6, SPEC.resize_size, SPEC.resize_size, 3)
 
 
+def test_a_cache_that_does_not_fit_on_disk_is_refused_before_writing(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from deepship.data import cache
+    from deepship.errors import ConfigError
+
+    paths = photo_files(tmp_path / "img", [(50, 40)] * 3)
+    path = cache.cache_path(tmp_path / "out", paths, SPEC)
+    path.parent.mkdir(parents=True)
+    stale = path.with_name(f"{cache.temp_path(path).name}.12345")
+    stale.write_bytes(b"a killed build's partial file")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(ConfigError, match=r"data\.cache: 3 images at 37x37 need 0\.0 GiB in .*, which has 0\.0 GiB free"):
+        cache.build_image_cache(paths, SPEC, path, progress=False)
+    assert not path.exists() and not stale.exists()  # nothing half-written; the old leftover removed
+
+
 def test_cached_training_samples_are_random_crops_of_the_cached_square(tmp_path: Path) -> None:
     from deepship.data import cache
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deepship.data.image import train_transform
+from deepship.errors import ConfigError
 from deepship.files import temp_path
 from deepship.runtime.preprocess import ImageSpec, center_offsets, load_image, resize_shorter_side
 
@@ -106,6 +108,13 @@ def build_image_cache(paths: Sequence[str], spec: ImageSpec, path: Path, workers
 
 def _build(paths: Sequence[str], spec: ImageSpec, path: Path, workers: int, progress: bool) -> None:
     size = spec.resize_size
+    for stale in path.parent.glob(f"{temp_path(path).name}.*"):  # a killed build's leftovers (we hold the lock)
+        stale.unlink(missing_ok=True)
+    need, free = len(paths) * size * size * 3, shutil.disk_usage(path.parent).free
+    if need > free:
+        raise ConfigError(f"data.cache: {len(paths):,} images at {size}x{size} need {need / 2**30:.1f} GiB in "
+                          f"{path.parent}, which has {free / 2**30:.1f} GiB free; free space, use another "
+                          "train.out_dir, or set data.cache false")
     tmp = temp_path(path).with_name(f"{temp_path(path).name}.{os.getpid()}")  # never shared by two builders
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
