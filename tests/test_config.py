@@ -154,3 +154,15 @@ def test_script_wrapper_exit_code(base: dict, tmp_path: Path) -> None:
 
 def test_config_error_is_exit_code_2() -> None:
     assert ConfigError.exit_code == 2
+
+
+def test_fsdp_with_gradient_clipping_is_refused_at_load_time(tmp_path: Path) -> None:
+    """Lightning's FSDP precision plugin raises at the first step when asked to clip: say so before training."""
+    from pydantic import ValidationError
+
+    base = {"task": "image_classification", "data": {"train": "x"}, "model": {"pretrained": False}}
+    with pytest.raises(ValidationError, match="strategy fsdp cannot clip gradients through Lightning"):
+        Config.model_validate({**base, "train": {"strategy": "fsdp"}}, context={"skip_path_checks": True})
+    ok = Config.model_validate({**base, "train": {"strategy": "fsdp", "grad_clip": None}},
+                               context={"skip_path_checks": True})
+    assert ok.train.strategy == "fsdp" and ok.train.grad_clip is None

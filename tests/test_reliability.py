@@ -596,8 +596,11 @@ def test_bf16_mixed_precision_with_clipping_trains_sync_free(small_images: Path,
 def test_fused_clipping_caps_the_gradient_norm() -> None:
     from deepship.models.classifier import ClassifierModule
 
+    from types import SimpleNamespace
+
     net = torch.nn.Linear(4, 2)
     module = ClassifierModule(net, 2)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))  # bf16/fp32: no GradScaler
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
     for p in net.parameters():
         p.grad = torch.full_like(p, 10.0)
@@ -606,9 +609,12 @@ def test_fused_clipping_caps_the_gradient_norm() -> None:
     assert total.item() == pytest.approx(1.0, rel=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_resuming_a_checkpoint_of_a_foreach_optimizer_keeps_the_per_step_check(small_images: Path, tmp_path: Path,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """last.ckpt from before fused AdamW: its param groups say foreach, so found_inf must not be handed over."""
+                                                                              monkeypatch: pytest.MonkeyPatch,
+                                                                              precision: str) -> None:
+    """last.ckpt from before fused AdamW: its param groups say foreach, so found_inf must not be handed over;
+    with bf16 and clipping (the GPU default) the clipping must not go to Lightning's plugin either."""
     from deepship.models import classifier
 
     real = torch.optim.AdamW
@@ -617,7 +623,8 @@ def test_resuming_a_checkpoint_of_a_foreach_optimizer_keeps_the_per_step_check(s
         def __init__(self, *args, fused=None, **kwargs) -> None:
             super().__init__(*args, foreach=True, **kwargs)
 
-    raw = image_config(small_images, tmp_path / "runs", max_epochs=1, batch_size=4)
+    raw = image_config(small_images, tmp_path / "runs", max_epochs=1, batch_size=4, precision=precision,
+                       accelerator="cpu", grad_clip=1.0)
     with monkeypatch.context() as patch:
         patch.setattr(classifier.torch.optim, "AdamW", ForeachAdamW)
         fit_config(raw, tmp_path / "a.yaml")

@@ -85,9 +85,9 @@ def png_bytes(label: str = "red", size: int = 32, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def solid_png(colour: tuple[int, int, int], size: int = 40) -> bytes:
+def solid_png(colour: tuple[int, int, int], size: int | tuple[int, int] = 40) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    Image.new("RGB", size if isinstance(size, tuple) else (size, size), colour).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -276,6 +276,8 @@ IMAGE_CASES = {
                       400, "invalid_image", "images[1]: cannot decode"),
     "too-many-pixels": ({"json": {"images": [b64(solid_png((9, 9, 9), size=200))]}},
                         413, "image_too_large", "200x200 pixels is over max_image_pixels=16384"),
+    "too-elongated": ({"json": {"images": [b64(solid_png((9, 9, 9), size=(500, 1)))]}},  # 500 px, 18500x37 resized
+                      413, "image_too_large", "500x1 is too elongated"),
     "too-many-items": ({"json": {"images": [b64(png_bytes())] * 5}}, 413, "too_many_items", "max_items=4"),
     "texts-to-image-model": ({"json": {"inputs": ["a text"]}}, 400, "wrong_modality", "this is a image model"),
     "upload-not-an-image": ({"files": [("images", ("a.png", b"\x89PNG garbage", "image/png"))]},

@@ -206,6 +206,13 @@ class TrainConfig(_Section):
             raise ValueError("give a device count >= 1, 'auto', or a list of device indices")
         return value
 
+    @model_validator(mode="after")
+    def _fsdp_clipping(self) -> "TrainConfig":
+        if self.strategy == "fsdp" and self.grad_clip is not None:
+            # Lightning's FSDP precision plugin cannot clip (it raises at the first step); say so now
+            raise ValueError("strategy fsdp cannot clip gradients through Lightning; set train.grad_clip: null")
+        return self
+
     @field_validator("run_name")
     @classmethod
     def _plain_name(cls, value: str) -> str:

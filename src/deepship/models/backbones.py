@@ -17,7 +17,6 @@ from torch import nn
 
 from deepship.config import DataConfig, ModelConfig, Task
 from deepship.errors import ConfigError, first_line
-from deepship.models.attention import backend_context
 from deepship.runtime.preprocess import ImageSpec, TextSpec
 
 MINILM_ALIAS = "all-MiniLM-L6-v2"
@@ -127,7 +126,8 @@ class TextNet(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.sdpa_backend: str | None = None  # set by training (train.sdpa_backend); None: PyTorch picks per call
+        # set by training (train.sdpa_backend) and entered by ClassifierModule.forward; None: PyTorch picks per call
+        self.sdpa_backend: str | None = None
 
     @property
     def uses_sdpa(self) -> bool:
@@ -144,8 +144,7 @@ class TextNet(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        with backend_context(self.sdpa_backend):
-            return self.model(input_ids=input_ids, attention_mask=self.sdpa_mask(attention_mask), **extra).logits
+        return self.model(input_ids=input_ids, attention_mask=self.sdpa_mask(attention_mask), **extra).logits
 
     def sdpa_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, L) 0/1 -> (N, 1, 1, L) bool for SDPA, built on the device. Given the 2-D mask, transformers asks the

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from deepship.errors import TrainingError
+from deepship.models.attention import backend_context
 from deepship.models.finetuning import build_scheduler, layerwise_param_groups
 from deepship.models.nonfinite import NonfiniteGuard
 
@@ -95,7 +96,10 @@ class ClassifierModule(L.LightningModule):
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last and "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
-        return self.net(**inputs)  # (N, C)
+        # The measured SDPA backend (text) is entered here, outside the possibly compiled net: dynamo rebuilds
+        # the context after a graph break without its priority order.
+        with backend_context(getattr(self.net, "sdpa_backend", None)):
+            return self.net(**inputs)  # (N, C)
 
     def model_step(self, batch: Batch, stage: str, batch_idx: int = 0) -> torch.Tensor | None:
         inputs, targets = batch
@@ -147,9 +151,10 @@ class ClassifierModule(L.LightningModule):
                                     gradient_clip_algorithm: str | None = None) -> None:
         if not gradient_clip_val:
             return
-        if any(group.get("fused") for group in optimizer.param_groups):
-            # Lightning's mixed-precision plugin refuses to clip for a fused optimizer (one that may unscale
-            # internally); fused is only chosen without a GradScaler, so these gradients are true-scale.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            # Without a GradScaler (fp32, bf16) gradients are true-scale: clip them here. Lightning's mixed-precision
+            # plugin refuses to clip for an optimizer built fused (it decides by how the optimizer was built, so also
+            # after a resume into foreach param groups). FSDP with clipping is refused in the config.
             grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(grads, gradient_clip_val, foreach=True)
@@ -206,7 +211,7 @@ class ClassifierModule(L.LightningModule):
                                         layer_decay=o.layer_decay, weight_decay=o.weight_decay)
         # fused: one kernel for the whole update, and it can skip a non-finite step on the device (found_inf).
         # Not with fp16's GradScaler (the scaler owns found_inf, and clipping would see scaled gradients) nor
-        # with FSDP (sharded gradients are clipped by FSDP itself, through Lightning's plugin).
+        # with FSDP (whose gradients are shards: foreach AdamW and the per-step check, without clipping).
         fused = getattr(self.trainer.precision_plugin, "scaler", None) is None \
             and not isinstance(self.trainer.strategy, FSDPStrategy) \
             and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in self.net.parameters())

@@ -312,7 +312,8 @@ def decode_base64(text: str, where: str) -> bytes:
     return data
 
 
-def inspect_image(data: bytes, where: str, settings: ServeSettings) -> tuple[Image.Image, dict[str, Any]]:
+def inspect_image(data: bytes, where: str, settings: ServeSettings, spec: ImageSpec
+                  ) -> tuple[Image.Image, dict[str, Any]]:
     """Size check from the header (before decoding: no decompression bombs), then a full decode and stats.
     The decoded image is what the model gets: one decode per upload (max_image_pixels bounds its memory)."""
     try:
@@ -324,6 +325,12 @@ def inspect_image(data: bytes, where: str, settings: ServeSettings) -> tuple[Ima
     if width * height > settings.max_image_pixels:
         raise ApiError(413, "image_too_large", f"{where}: {width}x{height} pixels is over max_image_pixels="
                                                f"{settings.max_image_pixels}; downscale the image first")
+    # preprocessing resizes the shorter side up or down to spec.resize_size: an extreme aspect ratio (1 x 100000)
+    # would blow up there; the same pixel limit applies to the resized image
+    scale = spec.resize_size / max(1, min(width, height))
+    if round(width * scale) * round(height * scale) > settings.max_image_pixels:
+        raise ApiError(413, "image_too_large", f"{where}: {width}x{height} is too elongated (resized for the model it "
+                                               f"would exceed max_image_pixels={settings.max_image_pixels}); crop it")
     try:
         img = load_image(data)  # the runtime's own decoder: EXIF orientation, alpha on white, RGB
     except DataError:
@@ -346,9 +353,14 @@ def parse_images(sources: list[tuple[str, bytes | str]], settings: ServeSettings
         data = decode_base64(source, where) if isinstance(source, str) else source
         if not data:
             raise ApiError(400, "empty_input", f"{where}: empty file; upload the image's bytes")
-        img, stats = inspect_image(data, where, settings)
+        img, stats = inspect_image(data, where, settings, spec)
+        try:
+            array = preprocess_image(img, spec)
+        except Exception as exc:  # noqa: BLE001 - a decodable image the resize still refuses is the client's
+            raise ApiError(400, "invalid_image", f"{where}: cannot preprocess the image ({type(exc).__name__}); "
+                                                 "send an ordinary RGB photo") from None
         raw = base64.b64encode(data).decode("ascii") if settings.log_inputs else None
-        out.append(ParsedInput(preprocess_image(img, spec), stats, raw=raw))
+        out.append(ParsedInput(array, stats, raw=raw))
     return out
 
 
@@ -424,9 +436,8 @@ def warm_up(predictor: Predictor) -> None:
         predictor.predict(["warm-up"])
         return
     size = getattr(predictor.spec, "image_size", 224)
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, format="PNG")
-    predictor.predict([buffer.getvalue()])
+    # the path the batcher runs: arrays preprocessed from a decoded image
+    predictor.predict_arrays([preprocess_image(Image.new("RGB", (size, size), (128, 128, 128)), predictor.spec)])
 
 
 class ServingState:
