@@ -480,7 +480,8 @@ def test_reload_function_swaps_the_model_atomically(text_package: Path, tmp_path
         state.package_dir = v2  # as if the package folder had been replaced on disk
         await state.reload_on_signal()
         after = state.serving_slot()
-        labels = (await after.batcher.submit([POS[0]]))[0].label
+        (prediction, _stats), = await after.batcher.submit([POS[0]])  # text batches return (prediction, stats)
+        labels = prediction.label
         await state.stop()
         return before.version, after.version, state.previous.version, labels
 
@@ -553,6 +554,20 @@ def test_prediction_log_has_the_design_record_plus_input_stats(text_package: Pat
     assert stats == [{"width": 40, "height": 40, "bytes": len(white), "format": "PNG", "brightness": 1.0, "contrast": 0.0},
                      {"width": 30, "height": 30, "bytes": len(black), "format": "PNG", "brightness": 0.0, "contrast": 0.0}]
     assert [r["input"] for r in read_log(image_log)] == [b64(white), b64(black)]  # raw inputs only with log_inputs
+
+
+def test_logged_texts_are_tokenized_once(text_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log's token signals come from the tokenization the model used, not from a second one."""
+    from deepship.runtime.preprocess import TextPreprocessor
+
+    with running(text_package, log_path=str(tmp_path / "log.jsonl")) as server:
+        calls, real = [], TextPreprocessor.tokenize
+        monkeypatch.setattr(TextPreprocessor, "tokenize", lambda self, texts: calls.append(len(texts)) or real(self, texts))
+        with server.client() as client:
+            assert client.post("/v1/predict", json={"inputs": POS[:2]}).status_code == 200
+    assert calls == [2]  # one batch tokenization for prediction and log
+    records = read_log(tmp_path / "log.jsonl")
+    assert [r["input_stats"]["tokens"] > 0 for r in records] == [True, True]
 
 
 def test_prediction_log_rotates_by_size(tmp_path: Path) -> None:

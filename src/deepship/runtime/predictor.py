@@ -203,6 +203,12 @@ class Predictor:
     def predict(self, inputs: Sequence[Any]) -> list[Prediction]:
         return self.decisions(self.predict_logits(inputs))
 
+    def predict_with_stats(self, inputs: Sequence[Any]) -> list[tuple[Prediction, dict[str, Any]]]:
+        """Predictions and deepship.runtime.stats input statistics from one tokenization (or decode) per input:
+        the server logs the token signals without tokenizing its texts a second time."""
+        arrays, stats = self.prepare(inputs)
+        return list(zip(self.decisions(self.run(arrays)), stats))
+
     def predict_arrays(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Images already through `preprocess_image` ((3, S, S) float32 each): the server preprocesses each
         upload in its request thread and batches only the model call."""

@@ -50,11 +50,8 @@ class ImageSpec:
         return cls(**fields)
 
 
-def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
-    """Decode a file or bytes to RGB, honouring EXIF orientation; transparency becomes white. An image this
-    function already returned (the server decodes uploads once, to validate them) passes through."""
-    if isinstance(source, Image.Image):
-        return to_rgb(source)
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Decode a file or bytes to RGB, honouring EXIF orientation; transparency becomes white."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:

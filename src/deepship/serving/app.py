@@ -315,7 +315,7 @@ def decode_base64(text: str, where: str) -> bytes:
 def inspect_image(data: bytes, where: str, settings: ServeSettings, spec: ImageSpec
                   ) -> tuple[Image.Image, dict[str, Any]]:
     """Size check from the header (before decoding: no decompression bombs), then a full decode and stats.
-    The decoded image is what the model gets: one decode per upload (max_image_pixels bounds its memory)."""
+    The caller preprocesses this same decoded image for the model: one decode per upload."""
     try:
         with Image.open(io.BytesIO(data)) as header:
             (width, height), fmt = header.size, header.format
@@ -474,7 +474,10 @@ class ServingState:
         if self.settings.warmup:
             await run_in_threadpool(warm_up, predictor)
         s = self.settings
-        run = predictor.predict if predictor.modality == "text" else predictor.predict_arrays
+        # One tokenization (text) or decode (image, in the request thread) per input: a batch returns each
+        # prediction with the input statistics the log needs (texts' token signals; images have theirs already).
+        run = predictor.predict_with_stats if predictor.modality == "text" else \
+            (lambda arrays: [(p, None) for p in predictor.predict_arrays(arrays)])
         batcher = MicroBatcher(run, s.max_batch_size, s.max_wait_ms, s.batching,
                                on_batch=self.metrics.batch_size.observe)
         await batcher.start()
@@ -544,9 +547,6 @@ class ServingState:
         if self.predlog is None:
             return
         ts = datetime.now(timezone.utc).isoformat()
-        if slot.predictor.modality == "text":  # token signals for the monitor, as in the reference profile
-            for item, stats in zip(inputs, slot.predictor.input_stats([item.value for item in inputs])):
-                item.stats.update({k: stats[k] for k in TEXT_SIGNALS + ("tokens_truncated",)})
         records = []
         for index, (item, p) in enumerate(zip(inputs, predictions)):
             record = {"id": f"{request_id}:{index}", "label": p.label, "confidence": p.confidence, "probs": p.probs,
@@ -642,9 +642,13 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         slot = state.serving_slot()  # chosen once: this request sees one model, even across a reload
         inputs = await read_inputs(request, slot.predictor, state.settings)
         try:
-            predictions = await slot.batcher.submit([item.value for item in inputs])
+            results = await slot.batcher.submit([item.value for item in inputs])
         except DataError as exc:  # validation passed but the runtime refused the input: still the client's
             raise ApiError(400, "invalid_input", str(exc)) from None
+        predictions = [prediction for prediction, _ in results]
+        for item, (_, stats) in zip(inputs, results):
+            if stats is not None:  # token signals for the monitor, as in the reference profile
+                item.stats.update({k: stats[k] for k in TEXT_SIGNALS + ("tokens_truncated",)})
         latency_ms = (time.perf_counter() - start) * 1000
         request_id = request_id_of(request) or uuid.uuid4().hex
         state.record(slot, inputs, predictions, request_id, latency_ms)
