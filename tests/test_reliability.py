@@ -403,6 +403,10 @@ def test_two_process_ddp_on_cpu_matches_one_process_on_the_same_global_batch(dro
     a, b = load_ckpt(runs["single"] / "last.ckpt"), load_ckpt(runs["ddp"] / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 40
     for key, value in a["state_dict"].items():
+        if key.endswith("attention.self.key.bias"):
+            # softmax ignores a per-query constant, so these get no gradient at all: only rounding noise, which
+            # AdamW divides by its tiny second moment; the two runs' noise differs (CI saw 1e-5-size drift)
+            continue
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-5), key
     val_losses = {k: [float(r.split(",")[2]) for r in (v / "history.csv").read_text().splitlines()[1:]]
                   for k, v in runs.items()}
