@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmarks: python scripts/bench.py data [--rows N]"""
+"""Benchmarks: python scripts/bench.py NAME [options], the same as `deepship bench NAME` (see --help)."""
 
 import sys
 

@@ -35,7 +35,7 @@ step 90 train --modality image --batch-size 256 --image-size 224 --steps 50
 step 180 train --modality image --batch-size 256 --image-size 224 --steps 50 --compile
 step 90 train --modality text --batch-size 256 --seq-len 64 --steps 50 --backbone /tmp/minilm-random
 step 120 pipeline --modality text --batch-size 256 --steps 100 --data .gpu/rt-polarity --backbone /tmp/minilm-random
-python3 -c "from deepship.data.pipeline_bench import write_bench_jpegs as w; w('/tmp/jpegs', n=2048, size=(500, 375))"
+python3 -c "from deepship.bench.pipeline import write_bench_jpegs as w; w('/tmp/jpegs', n=2048, size=(500, 375))"
 step 150 pipeline --modality image --batch-size 256 --image-size 224 --steps 30 --data /tmp/jpegs
 
 # A real (short) text training run: the SDPA backend it measures and its peak GPU memory, from metrics.json

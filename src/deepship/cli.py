@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from deepship.errors import ConfigError, DeepshipError, first_line
-from deepship.serving.cli import add_bench_serve_options, add_serve_parser  # argparse only: cheap
+from deepship.bench.cli import add_bench_parser  # argparse only: cheap
+from deepship.serving.cli import add_serve_parser  # argparse only: cheap
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -151,74 +152,6 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "serve":
-        from deepship.serving.cli import cmd_bench_serve
-
-        return cmd_bench_serve(args)
-    if args.what in ("train", "runtime", "pipeline"):
-        return cmd_bench_perf(args)
-    from deepship.bench import BENCHES, print_results
-
-    options = {k: v for k, v in (("rows", args.rows), ("data_dir", args.data), ("epochs", args.epochs),
-                                 ("variants", args.variants), ("out_dir", args.out),
-                                 ("train_samples", args.train_samples), ("runs", args.runs),
-                                 ("package", args.package if args.what == "monitor" else None)) if v is not None}
-    if args.what == "monitor" and not args.package:
-        raise ConfigError("bench monitor: --package is required; give a folder written by `deepship export`")
-    print_results(BENCHES[args.what](**options))
-    return 0
-
-
-def cmd_bench_perf(args: argparse.Namespace) -> int:
-    from deepship.bench import print_results
-
-    if args.what == "runtime":
-        if not (args.run and args.package):
-            raise ConfigError("bench runtime: needs --run RUN_DIR and --package PACKAGE_DIR (the run's export)")
-        from deepship.perfbench import bench_runtime
-
-        print_results(bench_runtime(args.run, args.package, runs=args.runs or 200))
-        return 0
-    if args.steps < 1 or args.batch_size < 1:
-        raise ConfigError(f"bench {args.what}: --steps and --batch-size must be at least 1")
-    if args.what == "pipeline":
-        return bench_pipeline(args)
-    from deepship.perfbench import bench_train
-
-    print_results(bench_train(args.modality, args.steps, args.batch_size, args.image_size, args.seq_len,
-                              args.compile, args.device, args.backbone))
-    return 0
-
-
-def bench_pipeline(args: argparse.Namespace) -> int:
-    """Input pipelines on the same model: text padding schemes on rt-polarity; image loaders on a JPEG folder."""
-    from deepship.bench import print_results
-    from deepship.data import pipeline_bench
-
-    device = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
-    if args.modality == "text":
-        from deepship.bench import rt_polarity_rows
-
-        data = Path(args.data or "../shared/data/rt-polarity")
-        if not data.is_dir():
-            raise ConfigError(f"--data {data}: not found; give the rt-polarity folder (rt-polarity.pos/.neg)")
-        rows = rt_polarity_rows(data)[: max(args.batch_size * (args.steps + 5) * 4, 1000)]
-        print_results(pipeline_bench.bench_text_padding([t for t, _ in rows], [y for _, y in rows], args.backbone,
-                                                        batch_size=args.batch_size, steps=args.steps, device=device))
-        return 0
-    folder = args.data or str(pipeline_bench.write_bench_jpegs(Path(args.out or "checkpoints/bench-pipeline") / "jpegs"))
-    print_results(pipeline_bench.bench_image_pipeline(folder, batch_size=args.batch_size, steps=args.steps,
-                                                      device=device, image_size=args.image_size))
-    return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepship", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
@@ -237,41 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="folder for data_report.json/.html (default: the run directory)")
     report.set_defaults(func=cmd_data_report)
 
-    bench = commands.add_parser("bench", help="benchmarks: one JSON line per measurement, then a table")
-    bench.add_argument("what", choices=["data", "finetune", "export", "serve", "monitor", "train", "runtime",
-                                        "pipeline"],
-                       help="data: validation of N text rows vs reading them; "
-                            "finetune: strategies on rt-polarity with MiniLM vs TF-IDF; "
-                            "export: fp32 vs int8 packages of MiniLM on rt-polarity; "
-                            "serve: HTTP load test of a package on loopback, batching on vs off; "
-                            "monitor: monitor a 1M-line prediction log of --package; "
-                            "train: toolkit training step vs a plain PyTorch loop on in-memory tensors; "
-                            "runtime: batch-1 onnxruntime (--package) vs torch eager (--run) on CPU; "
-                            "pipeline: text padding schemes on rt-polarity, or image loaders on a JPEG folder")
-    bench.add_argument("--rows", type=int, default=None,
-                       help="data: rows to generate (default 100000); monitor: log lines (default 1000000)")
-    bench.add_argument("--data", default=None, help="finetune, pipeline text: rt-polarity folder (default "
-                       "../shared/data/rt-polarity); pipeline image: a class-per-folder JPEG tree (default: generated)")
-    bench.add_argument("--epochs", type=int, default=None, help="finetune/export: epochs (default 2)")
-    bench.add_argument("--out", default=None, help="finetune/export: work folder (default checkpoints/bench-*)")
-    bench.add_argument("--train-samples", type=int, default=None, help="export: training sentences (default 2000)")
-    bench.add_argument("--runs", type=int, default=None, help="export: timed runs per model (default 200)")
-    bench.add_argument("--variants", default=None, help="finetune: comma-separated subset of full,"
-                                                        "freeze_then_unfreeze,layer_decay")
-    perf = bench.add_argument_group("train (toolkit step vs plain PyTorch), runtime and pipeline")
-    perf.add_argument("--modality", choices=["image", "text"], default="image",
-                      help="train, pipeline: MobileNetV2 or MiniLM")
-    perf.add_argument("--steps", type=int, default=20, help="train: timed steps after 5 warm-up steps (default 20)")
-    perf.add_argument("--batch-size", type=int, default=32, help="train: batch size (default 32; GPU anchor: 256)")
-    perf.add_argument("--image-size", type=int, default=64, help="train: image size (default 64; GPU anchor: 224)")
-    perf.add_argument("--seq-len", type=int, default=64, help="train: text sequence length (default 64)")
-    perf.add_argument("--compile", action="store_true", help="train: torch.compile both loops")
-    perf.add_argument("--backbone", default="all-MiniLM-L6-v2",
-                      help="train, pipeline: the text model (alias or local Hugging Face folder; default all-MiniLM-L6-v2)")
-    perf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="train: device (default auto)")
-    perf.add_argument("--run", default=None, help="runtime: the run directory the package was exported from")
-    add_bench_serve_options(bench)
-    bench.set_defaults(func=cmd_bench)
+    add_bench_parser(commands)
 
     export = commands.add_parser("export", help="export a run to an ONNX model package, gated by a parity check")
     export.add_argument("--run", required=True, help="a finished run directory, e.g. checkpoints/my-run")

@@ -1,5 +1,5 @@
-"""Input-pipeline benchmarks (for `bench train`): training-step throughput of the real datasets, collators and
-samplers, each measurement with a ratio against a baseline measured in the same call (machines are noisy).
+"""`bench pipeline`: training-step throughput of the real datasets, collators and samplers, each measurement with a
+ratio against a baseline measured in the same call (machines are noisy).
 
 - `bench_text_padding`: pad-to-max_length vs length-grouped batches padded to multiples of 16 or 32; distinct
   batch shapes and the first-call cost of each (on a GPU every new sequence length plans its kernels anew).
@@ -24,12 +24,15 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deepship.bench.common import ratio, require_rt_polarity, rt_polarity_rows
 from deepship.config import Config
 from deepship.data.cache import CachedImageDataset, build_image_cache, cache_path, cached_transform
 from deepship.data.datamodule import EpochSampler, SeededSamples, default_num_workers, text_preprocessor
 from deepship.data.gpu_pipeline import DeviceAugment, EncodedBatch, EncodedImageDataset, collate_encoded
 from deepship.data.image import CROP_SCALE, ImageDataset, collate_images, train_transform
 from deepship.data.text import TextCollator, TextDataset
+from deepship.errors import ConfigError
+from deepship.models.attention import sync
 from deepship.models.backbones import Backbone, build_backbone
 from deepship.runtime.preprocess import IMAGE_EXTENSIONS, IMAGE_INPUT, TextPreprocessor
 
@@ -37,11 +40,6 @@ Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------ stepping
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_steps(net: nn.Module, batches: Iterator[Batch], steps: int, device: torch.device,
                 to_device: Callable[[Any], Batch]) -> list[tuple[int, int, float]]:
     """Run `steps` plain AdamW training steps; per step (batch size, shape key, seconds incl. loading)."""
@@ -83,9 +81,9 @@ def summarize(name: str, records: list[tuple[int, int, float]]) -> dict[str, Any
 
 
 def with_ratios(results: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    base = results[0][key]
+    """Every row's `key` over the first row's (the baseline)."""
     for r in results:
-        r["baseline"], r["ratio"] = results[0]["name"], round(r[key] / base, 3) if base and r[key] else None
+        r["baseline"], r["ratio"] = results[0]["name"], ratio(r[key], results[0][key])
     return results
 
 
@@ -149,7 +147,7 @@ def list_images(folder: str | Path) -> tuple[list[str], np.ndarray]:
     """A class-per-folder tree -> (paths, integer targets by parent folder name)."""
     paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
-        raise FileNotFoundError(f"{folder}: no images found; give a class-per-folder directory of images")
+        raise ConfigError(f"--data {folder}: no images found; give a class-per-folder directory of images")
     classes = sorted({Path(p).parent.name for p in paths})
     return paths, np.array([classes.index(Path(p).parent.name) for p in paths])
 
@@ -231,3 +229,19 @@ def write_bench_jpegs(folder: str | Path, n: int = 256, size: tuple[int, int] = 
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
         out.write_bytes(buffer.getvalue())
     return root
+
+
+# ------------------------------------------------------------------------------------- command
+def bench_pipeline(modality: str, data: str | None, out_dir: str | None, backbone: str = "all-MiniLM-L6-v2",
+                   batch_size: int = 32, steps: int = 16, device: str = "auto", image_size: int = 64
+                   ) -> list[dict[str, Any]]:
+    """Text: padding schemes on the rt-polarity folder `data`. Images: loaders on the JPEG tree `data`, or on
+    photo-sized JPEGs generated under `out_dir` when there is none."""
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if modality == "text":
+        rows = rt_polarity_rows(require_rt_polarity(data, "pipeline --modality text"))
+        rows = rows[: max(batch_size * (steps + 5) * 4, 1000)]
+        return bench_text_padding([t for t, _ in rows], [y for _, y in rows], backbone, batch_size=batch_size,
+                                  steps=steps, device=device)
+    folder = data or str(write_bench_jpegs(Path(out_dir or "checkpoints/bench-pipeline") / "jpegs"))
+    return bench_image_pipeline(folder, batch_size=batch_size, steps=steps, device=device, image_size=image_size)

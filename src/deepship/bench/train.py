@@ -1,27 +1,23 @@
-"""Training-step and serving-runtime benchmarks for `deepship bench train|runtime`.
-
-Each measurement is a ratio against a baseline measured in the same process: the toolkit's training
-step (ClassifierModule inside the same lightning.Trainer `fit` builds) vs a plain PyTorch loop on
-the same network, batch, precision and memory format; onnxruntime vs torch eager at batch 1.
+"""`bench train`: the toolkit's training step (ClassifierModule inside the same lightning.Trainer `fit` builds)
+vs a plain PyTorch loop on the same network, batch, precision and memory format, measured in the same process.
 Tiny defaults run on a 2-core CPU in about a minute; pass full sizes on a GPU.
 """
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from deepship.bench.common import ratio
 from deepship.config import Config
-from deepship.data.pipeline_bench import sync
 from deepship.errors import TrainingError
+from deepship.models.attention import sync
 from deepship.models.backbones import build_backbone
 from deepship.run import build_module
 from deepship.training import build_trainer, describe_device, resolve_precision
@@ -146,48 +142,5 @@ def bench_train(modality: str = "image", steps: int = 20, batch_size: int = 32, 
              "compile": compile, "batch_size": batch_size, "steps": steps,
              **({"image_size": image_size} if modality == "image" else {"seq_len": seq_len, "backbone": text_backbone}),
              "plain_samples_per_s": round(plain, 1), "toolkit_samples_per_s": round(toolkit, 1),
-             "toolkit_over_plain": round(toolkit / plain, 3),
+             "toolkit_over_plain": ratio(toolkit, plain),
              "peak_gpu_memory_mib": None if peak is None else round(peak, 1)}]
-
-
-# ------------------------------------------------------------------------------- serving runtime
-def bench_runtime(run_dir: str, package: str, runs: int = 200, blocks: int = 4) -> list[dict[str, Any]]:
-    """CPU batch-1 p50: onnxruntime (the package) vs torch eager (the run's best.ckpt), on one real
-    validation input through each path's own preprocessing; the two take turns in blocks."""
-    from deepship.export.onnx import training_inputs
-    from deepship.run import load_run
-    from deepship.runtime.predictor import Predictor
-
-    run, predictor = load_run(run_dir), Predictor.load(package)
-    from deepship.data.split import load_splits
-
-    sample = load_splits(run.config).val.inputs[:1]
-    torch_inputs, arrays = training_inputs(run, sample), predictor.preprocess(sample)
-    binding = predictor.session.io_binding()
-
-    def bound() -> np.ndarray:
-        """The same call through IO binding (inputs and logits bound on the CPU)."""
-        for name in predictor.input_names:
-            binding.bind_cpu_input(name, arrays[name])
-        binding.bind_output("logits", "cpu")
-        predictor.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
-
-    np.testing.assert_allclose(bound(), predictor.run(arrays), rtol=1e-5, atol=1e-6)  # same answer
-    times: dict[str, list[float]] = {"torch_eager": [], "onnxruntime": [], "onnxruntime_iobinding": []}
-    with torch.inference_mode():
-        for _ in range(blocks):
-            for name, call in (("torch_eager", lambda: run.module(**torch_inputs)),
-                               ("onnxruntime", lambda: predictor.run(arrays)), ("onnxruntime_iobinding", bound)):
-                for i in range(runs // blocks + 5):
-                    t0 = time.perf_counter()
-                    call()
-                    if i >= 5:  # the other runtime's turn cooled the caches: warm up again
-                        times[name].append((time.perf_counter() - t0) * 1000)
-    p50 = {k: statistics.median(v) for k, v in times.items()}
-    return [{"kind": "runtime", "model": run.config.model.backbone, "precision": predictor.manifest.get("precision"),
-             "threads": torch.get_num_threads(), "torch_eager_p50_ms": round(p50["torch_eager"], 3),
-             "onnxruntime_p50_ms": round(p50["onnxruntime"], 3),
-             "onnxruntime_over_torch": round(p50["onnxruntime"] / p50["torch_eager"], 3),
-             "onnxruntime_iobinding_p50_ms": round(p50["onnxruntime_iobinding"], 3),
-             "iobinding_over_plain": round(p50["onnxruntime_iobinding"] / p50["onnxruntime"], 3)}]
