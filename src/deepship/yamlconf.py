@@ -62,7 +62,7 @@ def split_override(item: str) -> tuple[str, str]:
     """`a.b=value` -> ('a.b', 'value'); the value may itself hold '=' or spaces."""
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"--set '{item}': expected key=value, e.g. --set train.lr=3e-4")
+        raise ConfigError(f"--set '{item}': expected key=value (a dotted key, '=', then a YAML value)")
     return key, text
 
 
