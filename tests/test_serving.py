@@ -34,10 +34,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from deepship.cli import main as serve_main
 from deepship.errors import ConfigError
 from deepship.runtime.predictor import Prediction, Predictor
-from deepship.serving.app import ServeMetrics, ServingState, create_app
+from deepship.serving.app import create_app
 from deepship.serving.batching import MicroBatcher
+from deepship.serving.metrics import ServeMetrics
 from deepship.serving.predlog import PredictionLog
 from deepship.serving.settings import ServeSettings, load_settings
+from deepship.serving.state import ServingState
 
 from conftest import FORBIDDEN_IN_RUNTIME, copy_package, toy_image
 
@@ -179,7 +181,7 @@ def test_each_uploaded_image_is_decoded_once(image_server: Running, monkeypatch:
     """The decode that validates an upload is the one the model gets (no second decode on the model thread)."""
     from deepship.runtime import predictor as predictor_module
     from deepship.runtime import preprocess
-    from deepship.serving import app as app_module
+    from deepship.serving import requests as requests_module
 
     decodes = []
     original = preprocess.load_image
@@ -189,7 +191,7 @@ def test_each_uploaded_image_is_decoded_once(image_server: Running, monkeypatch:
             decodes.append(len(source))
         return original(source)
 
-    for module in (preprocess, predictor_module, app_module):
+    for module in (preprocess, predictor_module, requests_module):
         monkeypatch.setattr(module, "load_image", counting)
     images = [png_bytes("red", seed=4), png_bytes("blue", seed=5)]
     with image_server.client() as client:
