@@ -532,7 +532,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_prediction_log_has_the_design_record_plus_input_stats(text_package: Path, image_package: Path,
+def test_prediction_log_has_the_prediction_record_plus_input_stats(text_package: Path, image_package: Path,
                                                                tmp_path: Path) -> None:
     log = tmp_path / "text.jsonl"
     with running(text_package, log_path=str(log)) as server, server.client() as client:
