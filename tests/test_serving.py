@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -718,6 +719,23 @@ def test_settings_reject_unknown_keys_and_bad_values(tmp_path: Path) -> None:
     path.write_text("max_batch_size: 16\nlog_path: logs/p.jsonl\n")
     settings = load_settings(path, ["max_wait_ms=2.5"])
     assert (settings.max_batch_size, settings.log_path, settings.max_wait_ms) == (16, "logs/p.jsonl", 2.5)
+
+
+def test_settings_files_are_read_like_configs(tmp_path: Path) -> None:
+    """--settings shares --config's YAML reader: the same one-line errors with the file (and line) named."""
+    with pytest.raises(ConfigError, match=rf"^--settings {re.escape(str(tmp_path))}: is a directory"):
+        load_settings(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_items: 3\nmax_wait_ms: [1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))} line 3: not valid YAML"):
+        load_settings(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- max_items: 3\n")
+    with pytest.raises(ConfigError, match="expected a mapping of serve settings"):
+        load_settings(listed)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_settings(empty, ["max_wait_ms=3e-1"]).max_wait_ms == 0.3  # 3e-1: a float, unlike plain YAML 1.1
 
 
 def test_serve_cli_refuses_a_bad_package_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
