@@ -166,3 +166,56 @@ def test_fsdp_with_gradient_clipping_is_refused_at_load_time(tmp_path: Path) -> 
     ok = Config.model_validate({**base, "train": {"strategy": "fsdp", "grad_clip": None}},
                                context={"skip_path_checks": True})
     assert ok.train.strategy == "fsdp" and ok.train.grad_clip is None
+
+
+# --set: several KEY=VALUE items after one flag (as Hydra / LightningCLI users type them) or the flag repeated
+SET_COMMANDS = [["train", "--config", "c.yaml"], ["data-report", "--config", "c.yaml"],
+                ["evaluate", "--package", "p", "--data", "d.csv", "--out", "o"],
+                ["monitor", "--package", "p", "--current", "log.jsonl", "--out", "o"], ["serve", "--package", "p"]]
+
+
+@pytest.mark.parametrize("command", SET_COMMANDS, ids=lambda c: c[0])
+def test_set_takes_several_items_or_repeats(command: list[str]) -> None:
+    items = ["a.b=1", "data.train=my file=v2.csv", "c=x y"]  # values may hold spaces and '='
+    parser = cli.build_parser()
+    one_flag = parser.parse_args([*command, "--set", *items])
+    repeated = parser.parse_args([*command, "--set", items[0], "--set", items[1], "--set", items[2]])
+    mixed = parser.parse_args([*command, "--set", items[0], items[1], "--set", items[2]])
+    assert one_flag.set == repeated.set == mixed.set == items
+    assert parser.parse_args(command).set == []
+
+
+def test_set_items_stop_at_the_next_option(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args(["data-report", "--config", "c.yaml", "--set", "a=1", "b=2", "--out", "r"])
+    assert (args.set, args.out, args.config) == (["a=1", "b=2"], "r", "c.yaml")
+
+
+def test_several_set_items_apply_in_order(base: dict, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", base)
+    cfg = load_config(path, ["train.lr=3e-4", "train.batch_size=8", "data.text_column=my col=x", "train.lr=1e-3"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.data.text_column) == (1e-3, 8, "my col=x")
+
+
+@pytest.mark.parametrize("command", [["train"], ["data-report"]])
+def test_a_set_item_without_equals_is_one_line_naming_it(command: list[str], base: dict, tmp_path: Path,
+                                                         capsys) -> None:
+    path = write_config(tmp_path / "c.yaml", base)
+    assert cli.main([*command, "--config", str(path), "--set", "train.lr=3e-4", "oops"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --set 'oops': expected key=value (a dotted key, '=', then a YAML value)\n"
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_serve_set_item_without_equals_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
+    assert cli.main(["serve", "--package", str(tmp_path), "--set", "max_items=3", "oops"]) == 2
+    assert capsys.readouterr().err == "error: --set 'oops': expected key=value (a dotted key, '=', then a YAML value)\n"
+
+
+def test_section_overrides_name_a_malformed_item() -> None:
+    from deepship.config import ObjectiveConfig, validate_section
+
+    with pytest.raises(ConfigError, match=r"^--set 'oops': expected key=value"):
+        validate_section(ObjectiveConfig, "objective", {}, ["objective.min=0.9", "oops"], "evaluate", "min=0.9")
+    got = validate_section(ObjectiveConfig, "objective", {}, ["objective.min=0.9", "objective.metric=accuracy"],
+                           "evaluate", "min=0.9")
+    assert (got.min, got.metric) == (0.9, "accuracy")

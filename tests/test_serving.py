@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,10 +35,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from deepship.cli import main as serve_main
 from deepship.errors import ConfigError
 from deepship.runtime.predictor import Prediction, Predictor
-from deepship.serving.app import ServeMetrics, ServingState, create_app
+from deepship.serving.app import create_app
 from deepship.serving.batching import MicroBatcher
+from deepship.serving.metrics import ServeMetrics
 from deepship.serving.predlog import PredictionLog
 from deepship.serving.settings import ServeSettings, load_settings
+from deepship.serving.state import ServingState
 
 from conftest import FORBIDDEN_IN_RUNTIME, copy_package, toy_image
 
@@ -179,7 +182,7 @@ def test_each_uploaded_image_is_decoded_once(image_server: Running, monkeypatch:
     """The decode that validates an upload is the one the model gets (no second decode on the model thread)."""
     from deepship.runtime import predictor as predictor_module
     from deepship.runtime import preprocess
-    from deepship.serving import app as app_module
+    from deepship.serving import requests as requests_module
 
     decodes = []
     original = preprocess.load_image
@@ -189,7 +192,7 @@ def test_each_uploaded_image_is_decoded_once(image_server: Running, monkeypatch:
             decodes.append(len(source))
         return original(source)
 
-    for module in (preprocess, predictor_module, app_module):
+    for module in (preprocess, predictor_module, requests_module):
         monkeypatch.setattr(module, "load_image", counting)
     images = [png_bytes("red", seed=4), png_bytes("blue", seed=5)]
     with image_server.client() as client:
@@ -339,7 +342,7 @@ def test_batcher_groups_jobs_keeps_order_and_isolates_a_failing_job() -> None:
         await batcher.close()
         # a full batch leaves at once, whatever max_wait_ms says: a0-a3 | a4,a5 (the 6-item job does not fit,
         # so it leads the next batch) | b0-b5 alone (bigger than max_batch_size, never split) | c0-c3
-        assert sizes == [4, 2, 6, 4] and batcher.calls == 4
+        assert sizes == [4, 2, 6, 4]
         isolating = MicroBatcher(fake_predict, max_batch_size=3, max_wait_ms=10_000)
         await isolating.start()
         mixed = await asyncio.gather(*(isolating.submit(job) for job in (["x"], ["bad"], ["y"])),
@@ -354,14 +357,15 @@ def test_batcher_groups_jobs_keeps_order_and_isolates_a_failing_job() -> None:
 
 
 def test_batching_off_makes_one_call_per_request() -> None:
-    async def scenario() -> int:
-        batcher = MicroBatcher(fake_predict, max_batch_size=64, max_wait_ms=10_000, enabled=False)
+    async def scenario() -> list[int]:
+        sizes: list[int] = []
+        batcher = MicroBatcher(fake_predict, max_batch_size=64, max_wait_ms=10_000, enabled=False, on_batch=sizes.append)
         await batcher.start()
         await asyncio.gather(*(batcher.submit([i]) for i in range(5)))
         await batcher.close()
-        return batcher.calls
+        return sizes
 
-    assert asyncio.run(scenario()) == 5
+    assert asyncio.run(scenario()) == [1, 1, 1, 1, 1]
 
 
 async def post_concurrently(url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
@@ -375,11 +379,10 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_results(text_pa
     texts = [f"{(POS + NEG)[i % 6]} {'scene ' * (i % 5)}" for i in range(24)]  # varied lengths: varied padding
     expected = Predictor.load(text_package).predict(texts)
     with running(text_package, batching=batching, max_batch_size=8, max_wait_ms=200.0) as server:
-        calls_before = server.state.current.batcher.calls
         responses = asyncio.run(post_concurrently(server.url, [{"inputs": [t]} for t in texts]))
-        calls = server.state.current.batcher.calls - calls_before
         with server.client() as client:
             samples = metric_samples(client.get("/metrics").text)
+    calls = samples[("deepship_batch_size_count", ())]  # model calls (the warm-up bypasses the batcher)
     assert all(r.status_code == 200 for r in responses)
     for response, want in zip(responses, expected):  # matched to the right request, not just the right multiset
         got = response.json()["predictions"][0]
@@ -530,7 +533,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_prediction_log_has_the_design_record_plus_input_stats(text_package: Path, image_package: Path,
+def test_prediction_log_has_the_prediction_record_plus_input_stats(text_package: Path, image_package: Path,
                                                                tmp_path: Path) -> None:
     log = tmp_path / "text.jsonl"
     with running(text_package, log_path=str(log)) as server, server.client() as client:
@@ -718,6 +721,23 @@ def test_settings_reject_unknown_keys_and_bad_values(tmp_path: Path) -> None:
     assert (settings.max_batch_size, settings.log_path, settings.max_wait_ms) == (16, "logs/p.jsonl", 2.5)
 
 
+def test_settings_files_are_read_like_configs(tmp_path: Path) -> None:
+    """--settings shares --config's YAML reader: the same one-line errors with the file (and line) named."""
+    with pytest.raises(ConfigError, match=rf"^--settings {re.escape(str(tmp_path))}: is a directory"):
+        load_settings(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_items: 3\nmax_wait_ms: [1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))} line 3: not valid YAML"):
+        load_settings(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- max_items: 3\n")
+    with pytest.raises(ConfigError, match="expected a mapping of serve settings"):
+        load_settings(listed)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_settings(empty, ["max_wait_ms=3e-1"]).max_wait_ms == 0.3  # 3e-1: a float, unlike plain YAML 1.1
+
+
 def test_serve_cli_refuses_a_bad_package_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert serve_main(["serve", "--package", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: no package.json; is this a deepship model package "
@@ -744,7 +764,9 @@ print(json.dumps({"status": status, "loaded": loaded}))
 
 
 def test_serving_imports_no_torch(text_package: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", TORCH_FREE_CHECK, str(text_package), json.dumps(FORBIDDEN_IN_RUNTIME)],
+    # nor the training config schema: the serve settings share only its YAML and --set helpers
+    forbidden = [*FORBIDDEN_IN_RUNTIME, "deepship.config"]
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE_CHECK, str(text_package), json.dumps(forbidden)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"status": 200, "loaded": []}

@@ -158,15 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune a classifier from a YAML config")
     train.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart_text.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    train.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.lr=3e-4 data.val_fraction=0.2")
     train.add_argument("--resume", action="store_true",
                        help="continue from the run's last.ckpt when there is one (same as --set train.resume=auto)")
     train.set_defaults(func=cmd_train)
 
     report = commands.add_parser("data-report", help="validate a config's data and write the data report")
     report.add_argument("--config", required=True, help="YAML config whose data to check")
-    report.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    report.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.batch_size=16 data.max_length=64")
     report.add_argument("--out", default=None, help="folder for data_report.json/.html (default: the run directory)")
     report.set_defaults(func=cmd_data_report)
 
@@ -196,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", choices=["tfidf"], default=None,
                           help="text: train TF-IDF + linear SVM on the package's training data and report it beside")
     evaluate.add_argument("--baseline-train", default=None, help="training data for --baseline (default: the package's)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="objective.KEY=VALUE",
-                          help="override the package's objective, e.g. --set objective.min=0.9 (repeatable)")
+    evaluate.add_argument("--set", nargs="+", action="extend", default=[], metavar="objective.KEY=VALUE",
+                          help="override the package's objective, e.g. --set objective.min=0.9 objective.metric=accuracy")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--latency-runs", type=int, default=100, help="timed batch-1 calls (0 skips latency)")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -222,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--out", required=True, help="folder for monitor.json and monitor.html")
     monitor.add_argument("--labels", default=None, help="CSV/JSONL with id,label: joins true labels by prediction id")
     monitor.add_argument("--config", default=None, help="YAML with a monitor: section (default: the package's config)")
-    monitor.add_argument("--set", action="append", default=[], metavar="monitor.KEY=VALUE",
-                         help="override a monitor setting, e.g. --set monitor.window=1d (repeatable)")
+    monitor.add_argument("--set", nargs="+", action="extend", default=[], metavar="monitor.KEY=VALUE",
+                         help="override a monitor setting, e.g. --set monitor.window=1d monitor.alpha=0.05")
     monitor.set_defaults(func=cmd_monitor)
     return parser
 

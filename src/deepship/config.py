@@ -1,45 +1,28 @@
 """Typed run configuration: YAML in, validated pydantic models out, `--set key=value` overrides.
 
 Everything a run needs is validated here, once, before any data is read or any model is built.
-Errors name the dotted key and say what is allowed.
+Errors name the dotted key and say what is allowed. The YAML and `--set` helpers live in
+`deepship.yamlconf`, which the torch-free server shares without loading this schema; `parse_yaml`,
+`apply_overrides` and `validate_section` stay importable from here.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, get_args
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from deepship.errors import ConfigError
+from deepship.yamlconf import apply_overrides, format_validation_error, parse_yaml, read_yaml_mapping, validate_section  # noqa: F401
 
 Task = Literal["text_classification", "image_classification"]
 Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 
 DEMO_PREFIX = "demo:"
-SectionT = TypeVar("SectionT", bound=BaseModel)
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads 3e-4 as a float: PyYAML follows YAML 1.1, which wants 3.0e-4."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Section(BaseModel):
@@ -294,98 +277,12 @@ class Config(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` pairs in place; values are parsed as YAML scalars (3e-4, true, null)."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set '{item}': expected key=value, e.g. --set train.lr=3e-4")
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
-        try:
-            node[parts[-1]] = parse_yaml(text)
-        except yaml.YAMLError:
-            node[parts[-1]] = text  # not valid YAML: keep the literal string
-    return raw
-
-
-def validate_section(model: type[SectionT], name: str, raw: dict[str, Any], overrides: Sequence[str],
-                     command: str, example: str) -> SectionT:
-    """One config section (evaluate's `objective`, monitor's `monitor`) with `--set NAME.KEY=VALUE`
-    applied and validated like a config; other keys are refused, naming the command."""
-    for item in overrides:
-        if not item.startswith(f"{name}."):
-            raise ConfigError(f"--set {item}: {command} takes {name}.* keys only, e.g. --set {name}.{example}")
-    raw = apply_overrides({name: dict(raw)}, overrides)[name]
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{name}.{format_validation_error(exc, model)}") from None
-
-
-def format_validation_error(err: ValidationError, model: type[BaseModel] = Config) -> str:
-    """One line per the house rule: dotted key, what is wrong, what is allowed."""
-    parts = []
-    for e in err.errors()[:3]:
-        loc = _format_loc(e["loc"])
-        if e["type"] == "extra_forbidden":
-            allowed = sorted(_section_for(model, e["loc"][:-1]).model_fields)
-            parts.append(f"{loc}: unknown key; allowed keys here: {allowed}")
-        elif e["type"] == "missing":
-            parts.append(f"{loc}: required key is missing")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
-    return "; ".join(parts)
-
-
-def _format_loc(loc: Sequence[Any]) -> str:
-    """('data', 'train', 0, 'path') -> 'data.train[0]'; union branch names ('bool', 'str') are dropped."""
-    text = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif part == "path" and i > 0 and isinstance(loc[i - 1], int):
-            continue  # a source's path is the source itself
-        elif not str(part).startswith(("bool", "str")):
-            text += f".{part}" if text else str(part)
-    return text
-
-
-def _section_for(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel]:
-    """The model class that owns the last key of `loc`, looking through list[...] and X | None."""
-    for part in loc:
-        if isinstance(part, int) or str(part) not in model.model_fields:
-            continue
-        annotation = model.model_fields[str(part)].annotation
-        for candidate in (annotation, *get_args(annotation), *(a for g in get_args(annotation) for a in get_args(g))):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                model = candidate
-                break
-    return model
-
-
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, override and validate a YAML config; any problem raises ConfigError (exit 2)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"--config {path}: is a directory; pass a YAML file such as configs/quickstart_text.yaml")
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: file not found; pass a YAML file such as configs/quickstart_text.yaml")
-    try:
-        raw = parse_yaml(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys task, data, model, train")
+    example = "a YAML file such as configs/quickstart_text.yaml"
+    raw = read_yaml_mapping(Path(path), "--config", example, "with keys task, data, model, train")
     apply_overrides(raw, overrides)
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {format_validation_error(exc)}") from None
+        raise ConfigError(f"{path}: {format_validation_error(exc, Config)}") from None

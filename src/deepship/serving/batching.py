@@ -17,7 +17,6 @@ one bad request cannot fail the requests that happened to share its batch.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,10 +41,8 @@ class MicroBatcher(Generic[Result]):
                  enabled: bool = True, on_batch: BatchObserver | None = None) -> None:
         self.predict_fn, self.max_batch_size, self.max_wait_s = predict_fn, max_batch_size, max_wait_ms / 1000
         self.enabled = enabled
-        self.on_batch = on_batch or (lambda size: None)  # metrics hook: inputs per model call
-        self.calls = 0  # model calls made, batched or not
+        self.on_batch = on_batch or (lambda size: None)  # metrics hook: inputs per model call, batched or not
         self.in_flight = 0  # submitted requests still waiting for their results
-        self._calls_lock = threading.Lock()  # batching off: calls come from several pool threads
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._carry: _Job | None = None  # taken from the queue but did not fit the last batch: leads the next
@@ -84,8 +81,6 @@ class MicroBatcher(Generic[Result]):
 
     # ------------------------------------------------------------------------------ internals
     def _call(self, items: list[Any]) -> list[Result]:
-        with self._calls_lock:
-            self.calls += 1
         self.on_batch(len(items))
         results = list(self.predict_fn(items))
         if len(results) != len(items):

@@ -26,8 +26,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes, each with its own model copy (default 1; SIGHUP then restarts them)")
     serve.add_argument("--settings", default=None, help="YAML file of serve settings (docs/serving.md)")
-    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a serve setting, e.g. --set max_wait_ms=2 (repeatable)")
+    serve.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                       help="override a serve setting, e.g. --set max_wait_ms=2 max_items=16")
     serve.add_argument("--no-batching", action="store_true", help="one model call per request (batching=false)")
     serve.add_argument("--max-batch-size", type=int, default=None, help="inputs per model call (default 32)")
     serve.add_argument("--max-wait-ms", type=float, default=None,

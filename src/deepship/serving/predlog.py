@@ -4,7 +4,7 @@ Requests hand finished records to `PredictionLog.write` (a non-blocking queue pu
 thread serializes and appends them. When the queue is full the records are dropped and counted
 rather than slowing requests down: the log feeds monitoring, it must never take serving down.
 
-Record (DESIGN.md "Predictions", plus serving fields):
+Record (the prediction format `deepship predict` writes, so `deepship monitor` reads both, plus serving fields):
 `{"id", "label", "confidence", "probs", "abstained", "model_version", "latency_ms", "ts",
   "request_id", "input_stats": {...}, "input"?: raw text or base64 image, only with log_inputs}`.
 """

@@ -7,13 +7,12 @@ training config, so a typo (`max_batch_sise`) fails at startup instead of silent
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from deepship.config import apply_overrides, format_validation_error, parse_yaml
 from deepship.errors import ConfigError
+from deepship.yamlconf import apply_overrides, format_validation_error, read_yaml_mapping
 
 
 class ServeSettings(BaseModel):
@@ -51,18 +50,12 @@ class ServeSettings(BaseModel):
 
 def load_settings(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ServeSettings:
     """Defaults <- YAML file <- `--set` overrides; any problem raises ConfigError (exit 2)."""
-    raw: object = {}
+    raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--settings {path}: file not found; pass a YAML file of serve settings (docs/serving.md)")
-        try:
-            raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of serve settings, e.g. max_batch_size: 32")
-    raw = apply_overrides(dict(raw), overrides)
+        raw = read_yaml_mapping(path, "--settings", "a YAML file of serve settings (docs/serving.md)",
+                                "of serve settings, e.g. max_batch_size: 32")
+    raw = apply_overrides(raw, overrides)
     try:
         return ServeSettings.model_validate(raw)
     except ValidationError as exc:
