@@ -639,7 +639,7 @@ def test_sighup_reloads_the_package_folder_and_sigterm_exits_cleanly(text_packag
 
 
 def free_port() -> int:
-    from deepship.serving.cli import free_port as pick
+    from deepship.bench.serve import free_port as pick
 
     return pick()
 
