@@ -28,8 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepship.errors import DataError
 from deepship.runtime.predictor import Prediction
 from deepship.serving.metrics import ObserveMiddleware, ServeMetrics, request_id_of
+from deepship.serving.modality import read_inputs
 from deepship.serving.predlog import log_path_for_worker
-from deepship.serving.requests import ParsedInput, parse_json_object, read_inputs
+from deepship.serving.requests import ParsedInput, parse_json_object
 from deepship.serving.schemas import ERRORS, PREDICT_BODY, ApiError, ErrorResponse, PredictResponse, error_response
 from deepship.serving.settings import ServeSettings
 from deepship.serving.state import ModelSlot, ServingState, install_sighup

@@ -2,7 +2,8 @@
 
 Checked at the edge: content type, JSON shape, item count, text length and Unicode, base64, image
 size (from the header, before decoding) and decodability. An image is decoded once, here, and its
-model array is what the batcher gets; the per-modality choices come from a ServedModality.
+model array is what the batcher gets. Which of these a request goes through is the ServedModality's choice
+(serving/modality.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import binascii
 import io
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from fastapi import Request
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
@@ -27,12 +27,6 @@ from deepship.runtime.preprocess import ImageSpec, load_image, preprocess_image
 from deepship.runtime.stats import image_stats
 from deepship.serving.schemas import ApiError
 from deepship.serving.settings import ServeSettings
-
-if TYPE_CHECKING:
-    from deepship.runtime.preprocess import TextSpec
-    from deepship.serving.modality import ServedModality
-
-INLINE_JSON_BYTES = 64 * 1024  # bigger bodies are parsed on a worker thread, not the event loop
 
 
 @dataclass
@@ -65,30 +59,6 @@ def parse_json_object(body: bytes, example: str) -> dict[str, Any]:
 def json_type(value: Any) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     return names.get(type(value), "null")
-
-
-def payload_items(payload: dict[str, Any], modality: ServedModality, settings: ServeSettings) -> list[str]:
-    """The list under the modality's key ("inputs" or "images"), checked for shape and count."""
-    key, example = modality.json_key, modality.json_example
-    if modality.foreign_key in payload:
-        raise ApiError(400, "wrong_modality", f'this is a {modality.name} model; send {example}, '
-                                              f'not "{modality.foreign_key}"')
-    unknown = sorted(set(payload) - {key})
-    if unknown:
-        raise ApiError(400, "invalid_request", f"unknown key(s) {unknown}; send {example}")
-    items = payload.get(key)
-    if not isinstance(items, list):
-        got = "nothing" if key not in payload else json_type(items)
-        raise ApiError(400, "invalid_request", f'"{key}" must be a list of strings, got {got}; send {example}')
-    if not items:
-        raise ApiError(400, "empty_input", f'"{key}" is empty; send at least one item')
-    if len(items) > settings.max_items:
-        raise ApiError(413, "too_many_items", f'{len(items)} items in "{key}" is over max_items={settings.max_items}; '
-                                              "split them over several requests")
-    for index, item in enumerate(items):
-        if not isinstance(item, str):
-            raise ApiError(400, "invalid_request", f"{key}[{index}]: expected a string, got {json_type(item)}")
-    return items
 
 
 def parse_texts(texts: list[str], settings: ServeSettings) -> list[ParsedInput]:
@@ -182,12 +152,6 @@ def parse_image_items(items: list[str], settings: ServeSettings, spec: ImageSpec
     return parse_images([(f"images[{i}]", text) for i, text in enumerate(items)], settings, spec)
 
 
-def parse_json_body(body: bytes, modality: ServedModality, settings: ServeSettings,
-                    spec: ImageSpec | TextSpec) -> list[ParsedInput]:
-    items = payload_items(parse_json_object(body, modality.json_example), modality, settings)
-    return modality.parse_items(items, settings, spec)
-
-
 async def read_multipart(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
     """Uploaded files in order, as (field[i], bytes); non-file fields are refused."""
     try:
@@ -209,22 +173,3 @@ async def read_multipart(request: Request, settings: ServeSettings) -> list[tupl
     if not files:
         raise ApiError(400, "empty_input", "no files in the multipart body; upload images as fields named 'images'")
     return files
-
-
-async def read_inputs(request: Request, modality: ServedModality, settings: ServeSettings,
-                      spec: ImageSpec | TextSpec) -> list[ParsedInput]:
-    kind = media_type(request)
-    if kind == "application/json" or kind.endswith("+json"):
-        body = await request.body()
-        if modality.inline_json and len(body) <= INLINE_JSON_BYTES:
-            return parse_json_body(body, modality, settings, spec)  # a thread hop would cost more than the parse
-        return await run_in_threadpool(parse_json_body, body, modality, settings, spec)
-    if kind == "multipart/form-data":
-        if modality.parse_uploads is None:
-            raise ApiError(415, "unsupported_media_type", f"a {modality.name} model takes application/json "
-                                                          f"{modality.json_example}")
-        files = await read_multipart(request, settings)
-        return await run_in_threadpool(modality.parse_uploads, files, settings, spec)
-    accepted = "application/json" + (" or multipart/form-data" if modality.parse_uploads is not None else "")
-    raise ApiError(415, "unsupported_media_type", f"Content-Type '{kind or 'none'}' is not supported; send {accepted} "
-                                                  f"like {modality.json_example}")
