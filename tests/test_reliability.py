@@ -26,7 +26,8 @@ from deepship import cli
 from deepship.config import load_config
 from deepship.errors import ConfigError, DataError, TrainingError
 from deepship.files import atomic_write_text, remove_temp_files, temp_path
-from deepship.training import KILL_AT_STEP_ENV, KILL_IN_SAVE_ENV, AtomicCheckpointIO, fit
+from deepship.checkpointing import AtomicCheckpointIO
+from deepship.training import fit
 
 from conftest import image_config, text_config, write_config, write_image_folder, write_text_csv
 
@@ -299,14 +300,53 @@ def test_deterministic_runs_give_identical_metrics(small_images: Path, tmp_path:
 
 
 # ------------------------------------------------------------------ crash tests (subprocesses)
-def train_process(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def train_process(config: Path, *args: str) -> subprocess.Popen:
     """`python -m deepship.cli train` as its own process, one torch thread (bitwise-comparable runs)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-    for name in (KILL_AT_STEP_ENV, KILL_IN_SAVE_ENV):
-        if name not in (env or {}):
-            full_env.pop(name, None)
-    return subprocess.Popen([sys.executable, "-m", "deepship.cli", "train", "--config", str(config), *args],
-                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return child_process(["-m", "deepship.cli", "train", "--config", str(config), *args])
+
+
+def child_process(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# A training process that SIGKILLs itself: at a global step (a callback), or inside the Nth checkpoint save once
+# the temp file is complete and before its rename (the writer patched), as a preemption without notice would.
+KILLED_TRAINING = """
+import os, signal, sys
+from lightning.pytorch.callbacks import Callback
+from deepship.checkpointing import AtomicCheckpointIO
+from deepship.config import load_config
+from deepship.training import fit
+
+config, where, n, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume"
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+class KillAtStep(Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == n:
+            kill()
+
+saves, real_writer = [], AtomicCheckpointIO._writer
+
+def writer_killed_in_save(self, checkpoint):
+    write = real_writer(self, checkpoint)
+    def killing_write(f):
+        write(f)
+        saves.append(1)
+        if len(saves) == n:
+            f.flush()
+            kill()
+    return killing_write
+
+if where == "save":
+    AtomicCheckpointIO._writer = writer_killed_in_save
+fit(load_config(config, ["train.resume=auto"] if resume else []), [KillAtStep()] if where == "step" else [])
+"""
+
+
+def killed_training(config: Path, where: str, n: int, resume: bool = False) -> subprocess.Popen:
+    return child_process(["-c", KILLED_TRAINING, str(config), where, str(n), "resume" if resume else "fresh"])
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -323,12 +363,12 @@ def test_sigkill_mid_epoch_and_mid_save_then_resume_equals_an_uninterrupted_run(
     code, err = finish(train_process(whole))
     assert code == 0, err[-2000:]
 
-    code, _ = finish(train_process(killed, env={KILL_AT_STEP_ENV: "7"}))  # SIGKILL at step 7 of 10
+    code, _ = finish(killed_training(killed, "step", 7))  # SIGKILL at step 7 of 10
     assert code == -signal.SIGKILL
     assert load_ckpt(run_b / "last.ckpt")["global_step"] == 6
 
     # resumed, then SIGKILLed again inside its 2nd checkpoint save (step 10's), after the temp file was written
-    code, _ = finish(train_process(killed, "--resume", env={KILL_IN_SAVE_ENV: "2"}))
+    code, _ = finish(killed_training(killed, "save", 2, resume=True))
     assert code == -signal.SIGKILL
     assert temp_path(run_b / "last.ckpt").is_file()  # the interrupted save...
     assert load_ckpt(run_b / "last.ckpt")["global_step"] == 8  # ...never replaced the good last.ckpt
@@ -391,9 +431,10 @@ def test_two_process_ddp_on_cpu_matches_one_process_on_the_same_global_batch(dro
         # regrouped order leaves the gradient-free attention key biases (softmax ignores a per-query
         # constant) with AdamW-amplified rounding noise above this test's 1e-5 weight tolerance.
         raw["data"]["group_by_length"] = False
-        code, err = finish(train_process(write_config(tmp_path / f"{name}.yaml", raw)), timeout=400)
-        assert code == 0, err[-3000:]
-        assert ("Starting with 2 processes" in err) == (name == "ddp")  # gloo, launched by Lightning itself
+        process = train_process(write_config(tmp_path / f"{name}.yaml", raw))
+        out, err = process.communicate(timeout=400)
+        assert process.returncode == 0, err[-3000:]
+        assert ("x 2 processes" in out) == (name == "ddp")  # gloo, launched by Lightning itself
         runs[name] = tmp_path / name / "tiny-text"
     metrics = {k: json.loads((v / "metrics.json").read_text()) for k, v in runs.items()}
     single, ddp = metrics["single"]["val"], metrics["ddp"]["val"]

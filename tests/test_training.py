@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from deepship import cli
+from deepship.callbacks import HISTORY_COLUMNS
 from deepship.config import Config, ModelConfig, load_config
 from deepship.errors import ConfigError
 from deepship.models.backbones import build_backbone
-from deepship.training import HISTORY_COLUMNS, resolve_precision
+from deepship.training import resolve_precision
 
 from conftest import RT_POLARITY, evaluate_by_hand, image_config, train_run, write_config
 
@@ -284,7 +285,7 @@ def test_a_saved_classifier_with_other_labels_gets_a_fresh_head_and_keeps_its_en
 
 def test_a_resume_on_other_hardware_measures_the_sdpa_backend_again(tiny_bert_dir: Path) -> None:
     """The stored choice is kept only where it was measured (device, precision, setting)."""
-    from deepship.training import AttentionBackend
+    from deepship.callbacks import AttentionBackend
 
     class FakeTrainer:
         world_size, is_global_zero, precision = 1, True, "32-true"
