@@ -167,6 +167,89 @@ def test_resume_mid_epoch_replays_the_same_batches_and_ends_bitwise_equal(small_
     assert [r.split(",")[0] for r in history[1:]] == ["1", "2"]
 
 
+# ------------------------------------------------------------------------------- resume safety
+@pytest.fixture(scope="module")
+def one_epoch_run(small_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-epoch image run (last.ckpt at the epoch end); copy it with `copied_run` before resuming."""
+    out = tmp_path_factory.mktemp("one-epoch")
+    return fit_config(image_config(small_images, out / "runs", max_epochs=1, batch_size=4), out / "c.yaml")
+
+
+def copied_run(run: Path, tmp_path: Path, **data: Any) -> tuple[Path, Path]:
+    """(config path, run dir) of a copy of `run` under tmp_path, its config's data keys updated."""
+    raw = load_config(run / "config.yaml").model_dump(mode="json")
+    raw["train"]["out_dir"] = str(tmp_path / "runs")
+    raw["data"].update(data)
+    shutil.copytree(run, tmp_path / "runs" / run.name)
+    return write_config(tmp_path / "c.yaml", raw), tmp_path / "runs" / run.name
+
+
+def test_resume_with_other_settings_is_refused_naming_the_keys(one_epoch_run: Path, tmp_path: Path, capsys) -> None:
+    config, run = copied_run(one_epoch_run, tmp_path)
+    before = (run / "last.ckpt").read_bytes()
+    argv = ["train", "--config", str(config), "--resume", "--set", "train.max_epochs=2", "--set", "train.lr=0.1",
+            "--set", "finetune.label_smoothing=0.2"]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and str(run / "last.ckpt") in err[0]
+    assert "train.lr: 0.003 -> 0.1" in err[0] and "finetune.label_smoothing: 0.0 -> 0.2" in err[0]
+    assert "train.max_epochs" not in err[0].split(";")[0] and "train.overwrite=true" in err[0]
+    assert (run / "last.ckpt").read_bytes() == before
+
+
+def test_resume_on_other_data_is_refused(one_epoch_run: Path, small_images: Path, tmp_path: Path, capsys) -> None:
+    other = Path(shutil.copytree(small_images, tmp_path / "images"))
+    (other / "red" / "red_000.jpg").unlink()  # one training or validation sample fewer
+    config, run = copied_run(one_epoch_run, tmp_path, train=str(other))
+    assert cli.main(["train", "--config", str(config), "--resume", "--set", "train.max_epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained on other data" in err and str(run / "last.ckpt") in err
+    assert load_ckpt(run / "last.ckpt")["epoch"] == 0
+
+
+def test_resume_changing_only_safe_keys_continues(one_epoch_run: Path, small_images: Path, tmp_path: Path) -> None:
+    moved = Path(shutil.copytree(small_images, tmp_path / "moved-images"))  # same content elsewhere: same data
+    config, run = copied_run(one_epoch_run, tmp_path, train=str(moved))
+    argv = ["train", "--config", str(config), "--resume", "--set", "train.max_epochs=2", "--set", "train.loggers=[]",
+            "--set", "train.checkpoint_every_n_steps=3", "--set", "objective.min=0.5"]
+    assert cli.main(argv) == 0
+    assert load_ckpt(run / "last.ckpt")["epoch"] == 1  # the second epoch ran on top of the first
+    assert [r.split(",")[0] for r in (run / "history.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
+def test_resume_flag_and_another_train_resume_value_conflict(one_epoch_run: Path, tmp_path: Path, capsys) -> None:
+    config, run = copied_run(one_epoch_run, tmp_path)
+    elsewhere = tmp_path / "other.ckpt"
+    shutil.copy(run / "last.ckpt", elsewhere)
+    before = (run / "last.ckpt").read_bytes()
+    for value in (str(elsewhere), "false"):
+        assert cli.main(["train", "--config", str(config), "--resume", "--set", f"train.resume={value}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --resume") and f"train.resume={value.replace('false', 'False')}" in err
+    assert (run / "last.ckpt").read_bytes() == before
+
+
+def test_mid_epoch_resume_skips_the_saved_samples_whatever_the_batch_size_now(small_images: Path,
+                                                                             tmp_path: Path) -> None:
+    """The checkpoint says how many samples of the epoch's order were trained on: 2 batches of 4 on 1 process
+    are 8 samples, not 2 batches of today's batch size; with 2 processes each rank skips half of them."""
+    from types import SimpleNamespace
+
+    from deepship.data.datamodule import ClassificationData
+    from deepship.data.split import load_splits
+    from deepship.models.backbones import build_backbone
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", image_config(small_images, tmp_path / "runs", batch_size=8)))
+    splits = load_splits(cfg)
+    data = ClassificationData(cfg, splits, build_backbone(cfg.task, cfg.model, cfg.data, len(splits.classes)))
+    data.setup("fit")
+    data.load_state_dict({"epoch": 1, "batches_done": 2, "samples_done": 8})
+    assert data.train_dataloader().sampler.resume == (1, 8)
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    data.load_state_dict({"epoch": 1, "batches_done": 1, "samples_done": 8})  # saved by a 1-process run
+    assert data.train_dataloader().sampler.resume == (1, 4)
+
+
 # ------------------------------------------------------------------------------ safe loading
 class Payload:
     """Unpickling this would create the marker file: proof that code ran."""

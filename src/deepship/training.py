@@ -267,7 +267,8 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         return run_dir
     release_process_group()
 
-    metrics, logits, targets = evaluate_best(cfg, module, data, trainer.checkpoint_callback.best_model_path)
+    # run_dir's own: a resumed run in a moved run directory remembers the old best_model_path
+    metrics, logits, targets = evaluate_best(cfg, module, data, str(run_dir / "best.ckpt"))
     metrics.update({
         "epochs": trainer.current_epoch,
         "train_time_s": round(throughput.seconds, 3),
