@@ -174,7 +174,7 @@ def test_cuda_run_uses_mixed_precision(image_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RT_POLARITY.is_dir(), reason="shared data ../shared/data/rt-polarity is absent")
+@pytest.mark.skipif(not RT_POLARITY.is_dir(), reason=f"the rt-polarity data ({RT_POLARITY}) is absent")
 def test_real_minilm_on_rt_polarity_beats_070(tmp_path: Path) -> None:
     from deepship.bench import rt_polarity_rows, write_csv_splits
 
