@@ -229,6 +229,18 @@ def test_resume_flag_and_another_train_resume_value_conflict(one_epoch_run: Path
     assert (run / "last.ckpt").read_bytes() == before
 
 
+def test_a_resume_may_spread_the_same_global_batch_over_other_devices() -> None:
+    from deepship.run import unsafe_changes
+
+    saved = {"train": {"batch_size": 8, "devices": 1, "num_nodes": 1, "strategy": "auto", "lr": 0.1}}
+    same_batch = {"train": {"batch_size": 2, "devices": 2, "num_nodes": 2, "strategy": "ddp", "lr": 0.1}}  # 2x2x2
+    assert unsafe_changes(saved, same_batch) == []
+    bigger = {"train": {"batch_size": 8, "devices": 2, "num_nodes": 1, "strategy": "ddp", "lr": 0.1}}  # 16 a step
+    assert unsafe_changes(saved, bigger) == ["train.devices: 1 -> 2", 'train.strategy: "auto" -> "ddp"']
+    auto = {"train": {**saved["train"], "devices": "auto"}}  # a device count unknown until launch
+    assert unsafe_changes(saved, auto) == ['train.devices: 1 -> "auto"']
+
+
 def test_mid_epoch_resume_skips_the_saved_samples_whatever_the_batch_size_now(small_images: Path,
                                                                              tmp_path: Path) -> None:
     """The checkpoint says how many samples of the epoch's order were trained on: 2 batches of 4 on 1 process

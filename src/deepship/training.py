@@ -34,7 +34,7 @@ from deepship.data.text import TextDataset
 from deepship.errors import ConfigError, Preempted
 from deepship.evaluation.evaluate import write_run_report
 from deepship.files import remove_temp_files, write_json
-from deepship.models.backbones import build_backbone
+from deepship.models.backbones import Backbone, build_backbone
 from deepship.models.classifier import ClassifierModule
 from deepship.models.finetuning import FinetuningStrategy
 from deepship.run import (
@@ -215,7 +215,7 @@ def fit_or_preempt(trainer: L.Trainer, module: ClassifierModule, data: Classific
 
 
 def prepare_data(cfg: Config, run_dir: Path, resume: Path | None, writer: bool
-                 ) -> tuple[Splits, dict[str, Any], Any, ClassificationData]:
+                 ) -> tuple[Splits, dict[str, Any], Backbone, ClassificationData]:
     """Validated data (checked against a resumed checkpoint's), the backbone, the run files, the datamodule."""
     run_info = read_run_info(resume) if resume is not None else None
     if run_info is not None:
