@@ -196,7 +196,8 @@ def test_a_run_stopped_for_bad_samples_reports_every_other_finding_too(tiny_bert
     checked: the report a user fixes the data from lists all of them at once."""
     train = write_text_csv(tmp_path / "train.csv", n_per_class=20)  # 40 good rows, rows 2..41
     good = list(csv.reader(open(train)))[1:]
-    rows = good + [("", "pos")] * 3 + [(good[0][0], good[0][1])] + [("x " + good[1][0], "pos"), ("x " + good[1][0], "neg")]
+    conflict = "x " + good[1][0]
+    rows = good + [("", "pos")] * 3 + [(good[0][0], good[0][1])] + [(conflict, "pos"), (conflict, "neg")]
     write_rows(train, rows)  # + 3 empty texts (3/46 = 6.5% bad), 1 duplicate, 1 label conflict
     val = write_rows(tmp_path / "val.csv", [(good[5][0], good[5][1]), ("brand new words here", "neg"),
                                             ("other new words", "pos")])  # row 2 is a train text

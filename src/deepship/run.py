@@ -219,7 +219,8 @@ def check_resume_config(cfg: Config, path: Path, run_info: dict[str, Any]) -> No
     if changes:
         raise ConfigError(f"train.resume: {path} was trained with other settings ({'; '.join(changes[:6])}); "
                           "a resume may change only train.max_epochs, train.loggers, train.checkpoint_every_n_steps "
-                          f"and train.devices/num_nodes with the same global batch; restore those values, {FRESH_START}")
+                          "and train.devices/num_nodes with the same global batch; "
+                          f"restore those values, {FRESH_START}")
 
 
 def check_resume_data(path: Path, run_info: dict[str, Any], fingerprint: str) -> None:

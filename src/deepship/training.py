@@ -183,7 +183,8 @@ def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationDat
     in for the checkpoint's weights during validation. One process: the whole val set, whatever the fit
     Trainer's world size was."""
     evaluator = L.Trainer(accelerator=cfg.train.accelerator, devices=1, precision=resolve_precision(cfg), logger=False,
-                          enable_checkpointing=False, enable_model_summary=False, callbacks=[], enable_progress_bar=False)
+                          enable_checkpointing=False, enable_model_summary=False, callbacks=[],
+                          enable_progress_bar=False)
     metrics: dict[str, Any] = {"val": strip_stage(evaluator.validate(module, datamodule=data, ckpt_path=best_path,
                                                                      verbose=False)[0], "val")}
     if "test" in data.datasets:
