@@ -215,9 +215,9 @@ def test_training_steps_do_not_wait_for_the_device(modality: str, image_dir: Pat
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """No host sync inside the training loop except at log steps and epoch ends: the loss is not read per step
     (non-finite steps are skipped on the device), metrics accumulate on the device, the bar redraws on a timer."""
-    from deepship import training
+    from deepship import callbacks
 
-    monkeypatch.setattr(training, "PROGRESS_REFRESH_S", 1e9)  # the bar's timed redraw is a (rationed) sync
+    monkeypatch.setattr(callbacks, "PROGRESS_REFRESH_S", 1e9)  # the bar's timed redraw is a (rationed) sync
     if modality == "image":
         raw = image_config(image_dir, tmp_path / "runs", max_epochs=2, batch_size=8)
     else:

@@ -26,7 +26,8 @@ from deepship import cli
 from deepship.config import load_config
 from deepship.errors import ConfigError, DataError, TrainingError
 from deepship.files import atomic_write_text, remove_temp_files, temp_path
-from deepship.training import KILL_AT_STEP_ENV, KILL_IN_SAVE_ENV, AtomicCheckpointIO, fit
+from deepship.checkpointing import AtomicCheckpointIO
+from deepship.training import fit
 
 from conftest import image_config, text_config, write_config, write_image_folder, write_text_csv
 
@@ -166,6 +167,101 @@ def test_resume_mid_epoch_replays_the_same_batches_and_ends_bitwise_equal(small_
     assert [r.split(",")[0] for r in history[1:]] == ["1", "2"]
 
 
+# ------------------------------------------------------------------------------- resume safety
+@pytest.fixture(scope="module")
+def one_epoch_run(small_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-epoch image run (last.ckpt at the epoch end); copy it with `copied_run` before resuming."""
+    out = tmp_path_factory.mktemp("one-epoch")
+    return fit_config(image_config(small_images, out / "runs", max_epochs=1, batch_size=4), out / "c.yaml")
+
+
+def copied_run(run: Path, tmp_path: Path, **data: Any) -> tuple[Path, Path]:
+    """(config path, run dir) of a copy of `run` under tmp_path, its config's data keys updated."""
+    raw = load_config(run / "config.yaml").model_dump(mode="json")
+    raw["train"]["out_dir"] = str(tmp_path / "runs")
+    raw["data"].update(data)
+    shutil.copytree(run, tmp_path / "runs" / run.name)
+    return write_config(tmp_path / "c.yaml", raw), tmp_path / "runs" / run.name
+
+
+def test_resume_with_other_settings_is_refused_naming_the_keys(one_epoch_run: Path, tmp_path: Path, capsys) -> None:
+    config, run = copied_run(one_epoch_run, tmp_path)
+    before = (run / "last.ckpt").read_bytes()
+    argv = ["train", "--config", str(config), "--resume", "--set", "train.max_epochs=2", "--set", "train.lr=0.1",
+            "--set", "finetune.label_smoothing=0.2"]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and str(run / "last.ckpt") in err[0]
+    assert "train.lr: 0.003 -> 0.1" in err[0] and "finetune.label_smoothing: 0.0 -> 0.2" in err[0]
+    assert "train.max_epochs" not in err[0].split(";")[0] and "train.overwrite=true" in err[0]
+    assert (run / "last.ckpt").read_bytes() == before
+
+
+def test_resume_on_other_data_is_refused(one_epoch_run: Path, small_images: Path, tmp_path: Path, capsys) -> None:
+    other = Path(shutil.copytree(small_images, tmp_path / "images"))
+    (other / "red" / "red_000.jpg").unlink()  # one training or validation sample fewer
+    config, run = copied_run(one_epoch_run, tmp_path, train=str(other))
+    assert cli.main(["train", "--config", str(config), "--resume", "--set", "train.max_epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained on other data" in err and str(run / "last.ckpt") in err
+    assert load_ckpt(run / "last.ckpt")["epoch"] == 0
+
+
+def test_resume_changing_only_safe_keys_continues(one_epoch_run: Path, small_images: Path, tmp_path: Path) -> None:
+    moved = Path(shutil.copytree(small_images, tmp_path / "moved-images"))  # same content elsewhere: same data
+    config, run = copied_run(one_epoch_run, tmp_path, train=str(moved))
+    argv = ["train", "--config", str(config), "--resume", "--set", "train.max_epochs=2", "--set", "train.loggers=[]",
+            "--set", "train.checkpoint_every_n_steps=3", "--set", "objective.min=0.5"]
+    assert cli.main(argv) == 0
+    assert load_ckpt(run / "last.ckpt")["epoch"] == 1  # the second epoch ran on top of the first
+    assert [r.split(",")[0] for r in (run / "history.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
+def test_resume_flag_and_another_train_resume_value_conflict(one_epoch_run: Path, tmp_path: Path, capsys) -> None:
+    config, run = copied_run(one_epoch_run, tmp_path)
+    elsewhere = tmp_path / "other.ckpt"
+    shutil.copy(run / "last.ckpt", elsewhere)
+    before = (run / "last.ckpt").read_bytes()
+    for value in (str(elsewhere), "false"):
+        assert cli.main(["train", "--config", str(config), "--resume", "--set", f"train.resume={value}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --resume") and f"train.resume={value.replace('false', 'False')}" in err
+    assert (run / "last.ckpt").read_bytes() == before
+
+
+def test_a_resume_may_spread_the_same_global_batch_over_other_devices() -> None:
+    from deepship.run import unsafe_changes
+
+    saved = {"train": {"batch_size": 8, "devices": 1, "num_nodes": 1, "strategy": "auto", "lr": 0.1}}
+    same_batch = {"train": {"batch_size": 2, "devices": 2, "num_nodes": 2, "strategy": "ddp", "lr": 0.1}}  # 2x2x2
+    assert unsafe_changes(saved, same_batch) == []
+    bigger = {"train": {"batch_size": 8, "devices": 2, "num_nodes": 1, "strategy": "ddp", "lr": 0.1}}  # 16 a step
+    assert unsafe_changes(saved, bigger) == ["train.devices: 1 -> 2", 'train.strategy: "auto" -> "ddp"']
+    auto = {"train": {**saved["train"], "devices": "auto"}}  # a device count unknown until launch
+    assert unsafe_changes(saved, auto) == ['train.devices: 1 -> "auto"']
+
+
+def test_mid_epoch_resume_skips_the_saved_samples_whatever_the_batch_size_now(small_images: Path,
+                                                                             tmp_path: Path) -> None:
+    """The checkpoint says how many samples of the epoch's order were trained on: 2 batches of 4 on 1 process
+    are 8 samples, not 2 batches of today's batch size; with 2 processes each rank skips half of them."""
+    from types import SimpleNamespace
+
+    from deepship.data.datamodule import ClassificationData
+    from deepship.data.split import load_splits
+    from deepship.models.backbones import build_backbone
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", image_config(small_images, tmp_path / "runs", batch_size=8)))
+    splits = load_splits(cfg)
+    data = ClassificationData(cfg, splits, build_backbone(cfg.task, cfg.model, cfg.data, len(splits.classes)))
+    data.setup("fit")
+    data.load_state_dict({"epoch": 1, "batches_done": 2, "samples_done": 8})
+    assert data.train_dataloader().sampler.resume == (1, 8)
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    data.load_state_dict({"epoch": 1, "batches_done": 1, "samples_done": 8})  # saved by a 1-process run
+    assert data.train_dataloader().sampler.resume == (1, 4)
+
+
 # ------------------------------------------------------------------------------ safe loading
 class Payload:
     """Unpickling this would create the marker file: proof that code ran."""
@@ -299,14 +395,53 @@ def test_deterministic_runs_give_identical_metrics(small_images: Path, tmp_path:
 
 
 # ------------------------------------------------------------------ crash tests (subprocesses)
-def train_process(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def train_process(config: Path, *args: str) -> subprocess.Popen:
     """`python -m deepship.cli train` as its own process, one torch thread (bitwise-comparable runs)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-    for name in (KILL_AT_STEP_ENV, KILL_IN_SAVE_ENV):
-        if name not in (env or {}):
-            full_env.pop(name, None)
-    return subprocess.Popen([sys.executable, "-m", "deepship.cli", "train", "--config", str(config), *args],
-                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return child_process(["-m", "deepship.cli", "train", "--config", str(config), *args])
+
+
+def child_process(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# A training process that SIGKILLs itself: at a global step (a callback), or inside the Nth checkpoint save once
+# the temp file is complete and before its rename (the writer patched), as a preemption without notice would.
+KILLED_TRAINING = """
+import os, signal, sys
+from lightning.pytorch.callbacks import Callback
+from deepship.checkpointing import AtomicCheckpointIO
+from deepship.config import load_config
+from deepship.training import fit
+
+config, where, n, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume"
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+class KillAtStep(Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == n:
+            kill()
+
+saves, real_writer = [], AtomicCheckpointIO._writer
+
+def writer_killed_in_save(self, checkpoint):
+    write = real_writer(self, checkpoint)
+    def killing_write(f):
+        write(f)
+        saves.append(1)
+        if len(saves) == n:
+            f.flush()
+            kill()
+    return killing_write
+
+if where == "save":
+    AtomicCheckpointIO._writer = writer_killed_in_save
+fit(load_config(config, ["train.resume=auto"] if resume else []), [KillAtStep()] if where == "step" else [])
+"""
+
+
+def killed_training(config: Path, where: str, n: int, resume: bool = False) -> subprocess.Popen:
+    return child_process(["-c", KILLED_TRAINING, str(config), where, str(n), "resume" if resume else "fresh"])
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -323,12 +458,12 @@ def test_sigkill_mid_epoch_and_mid_save_then_resume_equals_an_uninterrupted_run(
     code, err = finish(train_process(whole))
     assert code == 0, err[-2000:]
 
-    code, _ = finish(train_process(killed, env={KILL_AT_STEP_ENV: "7"}))  # SIGKILL at step 7 of 10
+    code, _ = finish(killed_training(killed, "step", 7))  # SIGKILL at step 7 of 10
     assert code == -signal.SIGKILL
     assert load_ckpt(run_b / "last.ckpt")["global_step"] == 6
 
     # resumed, then SIGKILLed again inside its 2nd checkpoint save (step 10's), after the temp file was written
-    code, _ = finish(train_process(killed, "--resume", env={KILL_IN_SAVE_ENV: "2"}))
+    code, _ = finish(killed_training(killed, "save", 2, resume=True))
     assert code == -signal.SIGKILL
     assert temp_path(run_b / "last.ckpt").is_file()  # the interrupted save...
     assert load_ckpt(run_b / "last.ckpt")["global_step"] == 8  # ...never replaced the good last.ckpt
@@ -391,9 +526,10 @@ def test_two_process_ddp_on_cpu_matches_one_process_on_the_same_global_batch(dro
         # regrouped order leaves the gradient-free attention key biases (softmax ignores a per-query
         # constant) with AdamW-amplified rounding noise above this test's 1e-5 weight tolerance.
         raw["data"]["group_by_length"] = False
-        code, err = finish(train_process(write_config(tmp_path / f"{name}.yaml", raw)), timeout=400)
-        assert code == 0, err[-3000:]
-        assert ("Starting with 2 processes" in err) == (name == "ddp")  # gloo, launched by Lightning itself
+        process = train_process(write_config(tmp_path / f"{name}.yaml", raw))
+        out, err = process.communicate(timeout=400)
+        assert process.returncode == 0, err[-3000:]
+        assert ("x 2 processes" in out) == (name == "ddp")  # gloo, launched by Lightning itself
         runs[name] = tmp_path / name / "tiny-text"
     metrics = {k: json.loads((v / "metrics.json").read_text()) for k, v in runs.items()}
     single, ddp = metrics["single"]["val"], metrics["ddp"]["val"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import urllib.error
 from pathlib import Path
 
@@ -11,12 +12,22 @@ import pytest
 import torch
 
 from deepship import cli
+from deepship.callbacks import HISTORY_COLUMNS
 from deepship.config import Config, ModelConfig, load_config
 from deepship.errors import ConfigError
 from deepship.models.backbones import build_backbone
-from deepship.training import HISTORY_COLUMNS, resolve_precision
+from deepship.training import resolve_precision
 
-from conftest import RT_POLARITY, evaluate_by_hand, image_config, train_run, write_config
+from conftest import (
+    RT_POLARITY,
+    evaluate_by_hand,
+    image_config,
+    text_config,
+    train_run,
+    write_config,
+    write_image_folder,
+)
+
 
 RUNS = ["tiny_image_run", "tiny_text_run"]
 
@@ -163,7 +174,7 @@ def test_cuda_run_uses_mixed_precision(image_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not RT_POLARITY.is_dir(), reason="shared data ../shared/data/rt-polarity is absent")
+@pytest.mark.skipif(not RT_POLARITY.is_dir(), reason=f"the rt-polarity data ({RT_POLARITY}) is absent")
 def test_real_minilm_on_rt_polarity_beats_070(tmp_path: Path) -> None:
     from deepship.bench import rt_polarity_rows, write_csv_splits
 
@@ -284,7 +295,7 @@ def test_a_saved_classifier_with_other_labels_gets_a_fresh_head_and_keeps_its_en
 
 def test_a_resume_on_other_hardware_measures_the_sdpa_backend_again(tiny_bert_dir: Path) -> None:
     """The stored choice is kept only where it was measured (device, precision, setting)."""
-    from deepship.training import AttentionBackend
+    from deepship.callbacks import AttentionBackend
 
     class FakeTrainer:
         world_size, is_global_zero, precision = 1, True, "32-true"
@@ -319,3 +330,49 @@ def test_a_saved_model_whose_encoder_does_not_fit_its_config_is_refused(tiny_ber
                                  "model": {"backbone": str(broken)}}, context={"skip_path_checks": True})
     with pytest.raises(ConfigError, match=r"encoder weights of other shapes than its config \(bert\.encoder"):
         build_backbone(cfg.task, cfg.model, cfg.data, 2)
+
+
+def test_train_prints_a_header_and_a_summary_ending_with_the_export_command(tmp_path: Path, capsys, caplog) -> None:
+    images = write_image_folder(tmp_path / "images", n_per_class=8)  # 3 classes x 8: per class 2 val, 6 train
+    config = write_config(tmp_path / "c.yaml", image_config(images, tmp_path / "runs", max_epochs=1, batch_size=4))
+    assert cli.main(["train", "--config", str(config)]) == 0
+    run_dir = tmp_path / "runs" / "tiny-image"
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert out[:2] == ["train: cpu, precision 32-true; samples: train 18, val 6", f"run directory: {run_dir}"]
+    assert out[-1] == f"next: deepship export --run {run_dir} --out packages/tiny-image"
+    assert out[-3].startswith("done: 1 epochs in ") and out[-3].endswith("best epoch 1")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert out[-2] == "val: " + " ".join(f"{k}={v:.4f}" for k, v in metrics["val"].items())
+    # Lightning's info lines reach the root logger under pytest (caplog); in a terminal they go to stderr
+    shown = captured.out + captured.err + "\n".join(r.getMessage() for r in caplog.records)
+    for chatter in ("GPU available", "TPU available", "Tip:", "Total params", "Restoring states"):
+        assert chatter not in shown, chatter
+
+
+def test_a_text_run_exports_offline_after_its_backbone_folder_is_gone(text_csv: Path, tiny_bert_dir: Path,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    """load_run and export rebuild the tokenizer and the architecture from the run directory, never from
+    model.backbone (which may be gone, or be a hub id that would be downloaded again)."""
+    import socket
+
+    from deepship.run import load_run
+
+    backbone = Path(shutil.copytree(tiny_bert_dir, tmp_path / "backbone"))
+    run = train_run(text_config(text_csv, backbone, tmp_path / "runs", max_epochs=1), tmp_path / "c.yaml")
+    shutil.rmtree(backbone)
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    loaded = load_run(run)
+    assert loaded.module.net.model.config.hidden_size == 32 and loaded.module.net.model.config.num_labels == 2
+    assert loaded.backbone.tokenizer("Great film")["input_ids"] == [101, 2307, 2143, 102]  # the uncased WordPiece
+    package = tmp_path / "package"
+    assert cli.main(["export", "--run", str(run), "--out", str(package)]) == 0
+    run_files = sorted(p.name for p in (run / "tokenizer").iterdir())
+    assert sorted(p.name for p in (package / "tokenizer").iterdir()) == run_files
+    for name in run_files:
+        assert (package / "tokenizer" / name).read_bytes() == (run / "tokenizer" / name).read_bytes(), name

@@ -190,6 +190,32 @@ def test_defects_above_threshold_stop_with_exit_2_naming_the_report(defective_im
     assert not (tmp_path / "runs" / "tiny-image" / "best.ckpt").exists()
 
 
+def test_a_run_stopped_for_bad_samples_reports_every_other_finding_too(tiny_bert_dir: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    """Too many bad rows stop training (exit 2), but only after leakage, duplicates, conflicts and balance were
+    checked: the report a user fixes the data from lists all of them at once."""
+    train = write_text_csv(tmp_path / "train.csv", n_per_class=20)  # 40 good rows, rows 2..41
+    good = list(csv.reader(open(train)))[1:]
+    conflict = "x " + good[1][0]
+    rows = good + [("", "pos")] * 3 + [(good[0][0], good[0][1])] + [(conflict, "pos"), (conflict, "neg")]
+    write_rows(train, rows)  # + 3 empty texts (3/46 = 6.5% bad), 1 duplicate, 1 label conflict
+    val = write_rows(tmp_path / "val.csv", [(good[5][0], good[5][1]), ("brand new words here", "neg"),
+                                            ("other new words", "pos")])  # row 2 is a train text
+    raw = {"task": "text_classification", "data": {"train": str(train), "val": str(val), "max_bad_fraction": 0.05,
+                                                  "min_per_class": 100},
+           "model": {"backbone": str(tiny_bert_dir)}, "train": {"out_dir": str(tmp_path / "runs"), "run_name": "r"}}
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    assert "above data.max_bad_fraction=0.05" in capsys.readouterr().err
+    report = json.loads((tmp_path / "runs" / "r" / JSON_NAME).read_text())
+    assert [q["origin"].rsplit(" ", 1)[1] for q in report["quarantine"]] == ["42", "43", "44"]
+    assert report["leakage"]["val"]["count"] == 1
+    assert report["leakage"]["val"]["examples"][0]["sample"].endswith("val.csv row 2")
+    assert report["splits"]["train"]["duplicates"]["count"] == 2  # the copied row, and the conflicting pair
+    assert report["label_conflicts"]["count"] == 1
+    assert sum("examples (< data.min_per_class=100)" in w for w in report["warnings"]) == 2  # both classes
+    assert not (tmp_path / "runs" / "r" / "best.ckpt").exists()
+
+
 def test_validation_error_carries_the_report(defective_images) -> None:
     train, _ = defective_images
     with pytest.raises(DataValidationError) as info:

@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,21 +23,24 @@ from deepship.serving.cli import add_serve_parser  # argparse only: cheap
 def cmd_train(args: argparse.Namespace) -> int:
     from deepship.config import load_config
 
-    overrides = [*args.set, "train.resume=auto"] if args.resume else args.set  # --resume: from last.ckpt if any
-    cfg = load_config(args.config, overrides)  # exit 2 before anything heavy is imported
-    from deepship.training import fit  # torch, lightning: imported only once the config is good
+    cfg = load_config(args.config, args.set)  # exit 2 before anything heavy is imported
+    if args.resume:  # from last.ckpt if there is one
+        explicit_false = cfg.train.resume is False and any(item.startswith("train.resume=") for item in args.set)
+        if cfg.train.resume not in (False, True, "auto") or explicit_false:
+            raise ConfigError(f"--resume continues from the run's last.ckpt, but train.resume={cfg.train.resume}; "
+                              "give one of them")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": "auto"})})
+    from deepship.training import fit, is_launch_rank_zero  # torch, lightning: imported only once the config is good
 
     run_dir = fit(cfg)
-    from deepship.training import is_launch_rank_zero
-
     if not is_launch_rank_zero():
         return 0  # other ranks of a multi-process run: rank 0 reports
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    summary = " ".join(f"{k}={v:.4f}" for k, v in metrics["val"].items())
-    print(f"run directory: {run_dir}")
-    print(f"val: {summary}")
-    if "test" in metrics:
-        print("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics["test"].items()))
+    print(f"done: {metrics['epochs']} epochs in {metrics['train_time_s']:.1f} s; best epoch {metrics['best_epoch']}")
+    for split in ("val", "test"):
+        if split in metrics:
+            print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics[split].items()))
+    print(f"next: deepship export --run {shlex.quote(str(run_dir))} --out {shlex.quote(f'packages/{run_dir.name}')}")
     return 0
 
 
@@ -138,8 +142,7 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     from deepship.config import load_config
 
     cfg = load_config(args.config, args.set)
-    from deepship.data.report import HTML_NAME, JSON_NAME
-    from deepship.training import data_report
+    from deepship.data.report import HTML_NAME, JSON_NAME, data_report
 
     out = Path(args.out) if args.out else cfg.run_dir
     report = data_report(cfg, out)

@@ -188,7 +188,7 @@ class ClassificationData(L.LightningDataModule):
             if self.decode == "gpu":
                 self.device_augment = DeviceAugment(spec, CROP_SCALE[cfg.finetune.augment])
         self.datasets: dict[str, Dataset] = {}
-        self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a mid-epoch checkpoint
+        self._resume: tuple[int, int | None, int] | None = None  # (epoch, samples, batches done) mid-epoch
 
     def _targets(self, samples: Samples):
         return encode_labels(samples, self.splits.classes, samples.source)
@@ -255,11 +255,14 @@ class ClassificationData(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.training and not trainer.validating:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches trained this epoch
-        return {"epoch": trainer.current_epoch, "batches_done": int(done)}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)  # batches trained this epoch
+        # samples of the whole (global) order, counted with this run's batch size and process count
+        return {"epoch": trainer.current_epoch, "batches_done": done,
+                "samples_done": done * self.cfg.train.batch_size * trainer.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = (state["epoch"], state["batches_done"]) if state else None
+        # None: a checkpoint from before samples_done; its batches are counted with today's batch size
+        self._resume = (state["epoch"], state.get("samples_done"), state["batches_done"]) if state else None
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None, collate: Callable[[list], Any]) -> DataLoader:
         return DataLoader(
@@ -286,8 +289,8 @@ class ClassificationData(L.LightningDataModule):
         sampler = EpochSampler(len(dataset), self.cfg.train.seed, weights, rank, world,
                                lengths=self.train_lengths(), batch_size=self.cfg.train.batch_size)
         if self._resume is not None:
-            epoch, batches = self._resume
-            sampler.resume_at(epoch, batches * self.cfg.train.batch_size)
+            epoch, samples, batches = self._resume
+            sampler.resume_at(epoch, batches * self.cfg.train.batch_size if samples is None else samples // world)
             self._resume = None
         return self._loader(SeededSamples(dataset, self.cfg.train.seed), sampler, self.train_collate)
 

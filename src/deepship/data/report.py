@@ -1,5 +1,6 @@
-"""Render the data report: data_report.json (every number) and data_report.html (one self-contained
-file: tables plus matplotlib plots embedded as base64 PNGs, so it can be mailed)."""
+"""The data report: validate the configured data (stopping with the report written when too much is bad),
+and render data_report.json (every number) and data_report.html (one self-contained file: tables plus
+matplotlib plots embedded as base64 PNGs, so it can be mailed)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deepship.config import Config
+from deepship.data.split import DataValidationError, Splits, load_validated
+from deepship.errors import DataError
 from deepship.files import atomic_write_text
 from deepship.htmlpage import figure_tag, img_tag, page, pyplot, table
 
@@ -22,6 +26,39 @@ def write_data_report(report: dict[str, Any], out_dir: Path) -> Path:
     atomic_write_text(out_dir / JSON_NAME, json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / HTML_NAME, render_html(report))
     return out_dir / JSON_NAME
+
+
+def validate_data(cfg: Config, out_dir: Path) -> tuple[Splits, dict[str, Any]]:
+    """Validated splits and the data report; too many bad samples stop here, the full report written."""
+    try:
+        return load_validated(cfg)
+    except DataValidationError as exc:
+        path = write_data_report(exc.report, out_dir)
+        raise DataError(f"{exc}; see {path} for the list, then fix or remove them or raise the limit") from None
+
+
+def record_truncation(report: dict[str, Any], split: str, truncated: int, max_length: int) -> None:
+    report["splits"][split]["truncated"] = truncated
+    if truncated:
+        report["warnings"].append(f"{split}: {truncated} texts are longer than {max_length} tokens "
+                                  "and get truncated (data.max_length)")
+
+
+def data_report(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """`deepship data-report`: validate and write the report without training (tokenizer only, no weights)."""
+    from deepship.data.text import count_truncated
+    from deepship.models.backbones import load_text_tokenizer
+    from deepship.runtime.preprocess import TextPreprocessor
+
+    splits, report = validate_data(cfg, out_dir)
+    if cfg.task == "text_classification":
+        tokenizer, _, spec = load_text_tokenizer(cfg.model, cfg.data, len(splits.classes))
+        preprocessor = TextPreprocessor(tokenizer.backend_tokenizer, spec)
+        for name, samples in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+            if samples is not None:
+                record_truncation(report, name, count_truncated(preprocessor.tokenize(samples.inputs)), spec.max_length)
+    write_data_report(report, out_dir)
+    return report
 
 
 def plot_class_balance(report: dict[str, Any]) -> str:

@@ -139,19 +139,31 @@ def _summarize(checked: dict[str, Checked], classes: list[str], cfg: Config, rep
 
 def load_validated(cfg: Config) -> tuple[Splits, dict[str, Any]]:
     """Read every split, quarantine bad samples, split val off train when absent, remove leakage,
-    and check labels across splits. Returns the usable splits and the data report."""
+    and check labels across splits. Returns the usable splits and the data report. Too many bad samples
+    stop with DataValidationError only after every check ran, so its report holds every finding."""
     data = cfg.data
     report = new_report(cfg)
     raw = {"train": data.train, "val": data.val, "test": data.test}
     checked = {name: _quarantine(name, read_split(sources, cfg.task, data), cfg, report)
                for name, sources in raw.items() if sources is not None}
     read = sum(s["read"] for s in report["splits"].values())
-    report["totals"] = {"read": read, "quarantined": len(report["quarantine"]),
-                        "bad_fraction": len(report["quarantine"]) / max(read, 1), "max_bad_fraction": data.max_bad_fraction}
-    if report["totals"]["bad_fraction"] > data.max_bad_fraction:
-        t = report["totals"]
+    t = report["totals"] = {"read": read, "quarantined": len(report["quarantine"]),
+                            "bad_fraction": len(report["quarantine"]) / max(read, 1),
+                            "max_bad_fraction": data.max_bad_fraction}
+    try:
+        splits = _check_usable(checked, cfg, report)
+    except DataError as exc:
+        if t["bad_fraction"] <= data.max_bad_fraction:
+            raise
+        report["warnings"].append(f"not checked further: {exc}")
+    if t["bad_fraction"] > data.max_bad_fraction:
         raise DataValidationError(f"{t['quarantined']} of {t['read']} samples ({t['bad_fraction']:.1%}) failed "
                                   f"validation, above data.max_bad_fraction={data.max_bad_fraction:g}", report)
+    return splits, report
+
+
+def _check_usable(checked: dict[str, Checked], cfg: Config, report: dict[str, Any]) -> Splits:
+    """Leakage, labels, duplicates, conflicts and balance of the samples that passed quarantine."""
     if "val" not in checked:
         checked["train"], checked["val"] = _hold_out_val(checked["train"], cfg, report)
     _remove_leakage(checked, cfg, report)
@@ -163,7 +175,7 @@ def load_validated(cfg: Config) -> tuple[Splits, dict[str, Any]]:
             encode_labels(checked[name].samples, classes, name)  # raises on labels unseen in training
     _summarize(checked, classes, cfg, report)
     test = checked["test"].samples if "test" in checked else None
-    return Splits(checked["train"].samples, checked["val"].samples, test, classes), report
+    return Splits(checked["train"].samples, checked["val"].samples, test, classes)
 
 
 def load_splits(cfg: Config) -> Splits:

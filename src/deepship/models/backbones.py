@@ -20,6 +20,8 @@ from deepship.errors import ConfigError, first_line
 from deepship.runtime.preprocess import ImageSpec, TextSpec
 
 MINILM_ALIAS = "all-MiniLM-L6-v2"
+# A text run's own copies (run directory): the tokenizer it trained with and its architecture's HF config.
+TOKENIZER_DIR, MODEL_CONFIG_DIR = "tokenizer", "model_config"
 
 
 @dataclass
@@ -185,16 +187,27 @@ def _hf_error(cfg: ModelConfig, exc: Exception) -> ConfigError:
     )
 
 
-def load_text_tokenizer(cfg: ModelConfig, data: DataConfig, num_classes: int = 2) -> tuple[Any, Any, TextSpec]:
+def text_sources(cfg: ModelConfig, saved_run: Path | None) -> tuple[str, str]:
+    """Where the tokenizer and the architecture config come from: model.backbone, or a finished run's own
+    copies (runs from before model_config/ was saved take the architecture from model.backbone)."""
+    source = resolve_text_source(cfg.backbone)
+    if saved_run is None:
+        return source, source
+    config_dir = saved_run / MODEL_CONFIG_DIR
+    return str(saved_run / TOKENIZER_DIR), str(config_dir) if config_dir.is_dir() else source
+
+
+def load_text_tokenizer(cfg: ModelConfig, data: DataConfig, num_classes: int = 2,
+                        saved_run: Path | None = None) -> tuple[Any, Any, TextSpec]:
     """The fast tokenizer, the model's HF config and the TextSpec, without loading any weights."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    source = resolve_text_source(cfg.backbone)
+    tokenizer_source, config_source = text_sources(cfg, saved_run)
     try:
-        tokenizer = _hf_load(AutoTokenizer.from_pretrained, source)
-        hf_config = _hf_load(AutoConfig.from_pretrained, source, num_labels=num_classes)
+        tokenizer = _hf_load(AutoTokenizer.from_pretrained, tokenizer_source)
+        hf_config = _hf_load(AutoConfig.from_pretrained, config_source, num_labels=num_classes)
     except Exception as exc:
         raise _hf_error(cfg, exc) from None
     if not getattr(tokenizer, "is_fast", False):
@@ -211,10 +224,10 @@ def load_text_tokenizer(cfg: ModelConfig, data: DataConfig, num_classes: int = 2
     return tokenizer, hf_config, spec
 
 
-def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int) -> Backbone:
+def build_hf_encoder(cfg: ModelConfig, data: DataConfig, num_classes: int, saved_run: Path | None = None) -> Backbone:
     from transformers import AutoModelForSequenceClassification
 
-    tokenizer, hf_config, spec = load_text_tokenizer(cfg, data, num_classes)
+    tokenizer, hf_config, spec = load_text_tokenizer(cfg, data, num_classes, saved_run)
     try:
         if cfg.pretrained is False:
             model = AutoModelForSequenceClassification.from_config(hf_config)
@@ -254,8 +267,16 @@ def encoder_layers(model: nn.Module) -> list[nn.Module]:
     return ([embeddings] if embeddings is not None else []) + blocks
 
 
+def save_model_config(backbone: Backbone, out: Path) -> None:
+    """A text backbone's HF config (architecture, label count), for rebuilding it without model.backbone."""
+    if isinstance(backbone.net, TextNet):
+        backbone.net.model.config.save_pretrained(out)
+
+
 # ------------------------------------------------------------------------------------ entry
-def build_backbone(task: Task, cfg: ModelConfig, data: DataConfig, num_classes: int) -> Backbone:
+def build_backbone(task: Task, cfg: ModelConfig, data: DataConfig, num_classes: int,
+                   saved_run: Path | None = None) -> Backbone:
+    """`saved_run`: a run directory whose tokenizer and architecture config to use (weights come later)."""
     name = cfg.backbone
     if task == "image_classification":
         if name not in IMAGE_BACKBONES:
@@ -267,4 +288,4 @@ def build_backbone(task: Task, cfg: ModelConfig, data: DataConfig, num_classes: 
     if isinstance(cfg.pretrained, str):
         raise ConfigError("model.pretrained: a weights path is for image backbones; "
                           "for text give the model directory as model.backbone")
-    return build_hf_encoder(cfg, data, num_classes)
+    return build_hf_encoder(cfg, data, num_classes, saved_run)
