@@ -126,3 +126,26 @@ def test_bad_tables_name_the_file_and_row(tmp_path: Path, name: str, content: st
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
         list(read_inputs(tmp_path / name, TEXT))
+
+
+# ------------------------------------------------------------------ training reads the same tables
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
+def test_training_reads_tables_through_the_same_reader(tmp_path: Path, suffix: str) -> None:
+    from deepship.data.sources import read_table
+
+    path = write_table(tmp_path / f"train{suffix}")
+    samples = read_table(path, "text", "label")
+    assert samples.inputs == [text for _, text in EXPECTED] and samples.labels == ["pos", "neg", "pos"]
+    first = "row 2" if suffix in (".csv", ".tsv") else "line 1" if suffix == ".jsonl" else "row 1"
+    assert samples.origins[0] == f"{path} {first}"
+
+
+def test_training_names_class_label_ints_of_a_saved_hugging_face_dataset(tmp_path: Path) -> None:
+    import datasets
+
+    from deepship.data.sources import read_table
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, -1]}, features=features).to_parquet(
+        tmp_path / "saved.parquet")
+    assert read_table(tmp_path / "saved.parquet", "text", "label").labels == ["pos", "neg", ""]
