@@ -56,6 +56,13 @@ def test_plain_text_is_one_input_per_line_numbered_from_1(tmp_path: Path) -> Non
     assert list(read_inputs(path, TEXT)) == [("1", "first line"), ("4", "second \ufffd line")]
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path: Path, suffix: str) -> None:
+    path = write_table(tmp_path / f"in{suffix}")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # what spreadsheet exports put first
+    assert list(read_inputs(path, TEXT)) == EXPECTED
+
+
 def test_an_image_table_resolves_paths_beside_it_in_any_format(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     pq.write_table(pa.table({"path": ["imgs/a.png", "imgs/b.jpg"]}), tmp_path / "list.parquet")

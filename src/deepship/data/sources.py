@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from deepship.config import DEMO_PREFIX, HF_PREFIX, DataConfig, SourceConfig, Task
 from deepship.errors import DataError
-from deepship.runtime.inputs import TABLE_FORMATS, row_location, table_rows
+from deepship.runtime.inputs import TABLE_FORMATS, import_parquet, row_location, table_rows
 from deepship.runtime.preprocess import IMAGE_EXTENSIONS
 
 
@@ -123,10 +123,8 @@ def _parquet_class_names(path: Path, column: str) -> list[str] | None:
     """The class names of a label column that a Hugging Face dataset saved to Parquet as ClassLabel ints."""
     if TABLE_FORMATS.get(path.suffix.lower()) != "parquet":
         return None
-    import pyarrow.parquet as pq
-
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = import_parquet(path).read_schema(path).metadata or {}
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader, with its name
         return None
     features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})

@@ -1,9 +1,9 @@
-"""Reading inputs from files: the one table reader behind predict, monitor and evaluate. Torch-free.
+"""Reading inputs from files: the one table reader behind training, predict, monitor and evaluate. Torch-free.
 
 Every table format training accepts is read here, row by row, so a million-row file never sits in
 memory whole: CSV/TSV through the csv module, JSONL line by line, Parquet in record batches (pyarrow,
 imported only for Parquet: a serving host without it still reads the other formats). Bytes that are
-not UTF-8 are replaced by U+FFFD, as training reads them.
+not UTF-8 are replaced by U+FFFD; a leading byte-order mark (spreadsheet exports) is dropped.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def table_rows(path: Path, required: Sequence[str] = (), optional: Sequence[str]
 
 
 def csv_rows(path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
             yield from reader
@@ -62,7 +62,7 @@ def csv_rows(path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
 
 
 def json_rows(path: Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         head = f.read(4096).lstrip()
         f.seek(0)
         if head.startswith("["):  # one JSON array of records: no way to stream it with the standard library
@@ -132,7 +132,7 @@ def table_inputs(path: Path, column: str, id_is_input: bool = False) -> Iterator
 
 def text_lines(path: Path) -> Iterator[tuple[str, str]]:
     """(line number, line) of a plain text file, one input per line; blank lines carry nothing to predict."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if line.strip():
