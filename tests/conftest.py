@@ -190,6 +190,16 @@ def copy_package(package: Path, dst: Path) -> Path:
     return Path(shutil.copytree(package, dst))
 
 
+def rewrite_manifest(package: Path, manifest: dict) -> None:
+    """Write an edited package.json with its manifest_sha256 recomputed as the format documents it
+    (sha256 of the canonical JSON without that key), as a re-export with those values would."""
+    import hashlib
+
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    (package / "package.json").write_text(json.dumps({**content, "manifest_sha256": hashlib.sha256(canonical).hexdigest()}))
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

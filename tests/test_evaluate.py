@@ -20,7 +20,7 @@ from deepship.evaluation.schema import report_schema
 from deepship.evaluation.thresholds import threshold_for_precision
 from deepship.runtime.predictor import Predictor, softmax
 
-from conftest import copy_package, export, read_json, run_val_samples, write_image_folder, write_text_csv
+from conftest import copy_package, export, read_json, rewrite_manifest, run_val_samples, write_image_folder, write_text_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "docs" / "report.schema.json"
@@ -133,7 +133,7 @@ def with_thresholds(package: Path, dst: Path, thresholds: dict) -> Path:
     copy = copy_package(package, dst)
     manifest = read_json(copy / "package.json")
     manifest["thresholds"] = thresholds
-    (copy / "package.json").write_text(json.dumps(manifest))  # the decision rule is data; the model is unchanged
+    rewrite_manifest(copy, manifest)  # the decision rule is data; the model is unchanged
     return copy
 
 

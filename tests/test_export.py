@@ -12,7 +12,7 @@ import pytest
 
 from deepship import cli
 
-from conftest import export, read_json
+from conftest import copy_package, export, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RT_POLARITY = ROOT.parent / "shared" / "data" / "rt-polarity"
@@ -23,10 +23,11 @@ def test_text_parity_covers_batches_and_short_and_max_length(text_package: Path)
     parity = read_json(text_package / "parity.json")
     assert parity["passed"] is True and parity["precision"] == "fp32"
     assert parity["batch_sizes"] == [1, 7, 32]
-    assert parity["max_abs_diff"] <= 1e-4 and parity["gate"]["max_abs_diff"] == 1e-4
+    assert parity["max_abs_diff"] <= 1e-4 and parity["gate"]["atol"] == 1e-4 and parity["gate"]["rtol"] == 1e-4
+    assert 0 <= parity["embeddings_max_abs_diff"] <= 1e-3 and parity["within_tolerance"] is True
     assert parity["top1_agreement"] == 1.0
     cases = {c["name"]: c for c in parity["cases"]}
-    assert set(cases) == {"batch_1", "batch_7", "batch_32", "short_texts", "max_length"}
+    assert set(cases) == {"batch_1", "batch_7", "validation", "short_texts", "max_length"}
     # tiny run: max_length 32, padding to multiples of 16 -> the gate saw two sequence lengths
     assert cases["max_length"]["shape"] == [7, 32]
     assert cases["short_texts"]["shape"] == [7, 16]
@@ -37,7 +38,7 @@ def test_text_parity_covers_batches_and_short_and_max_length(text_package: Path)
 def test_image_parity_runs_real_images_at_each_batch_size(image_package: Path) -> None:
     parity = read_json(image_package / "parity.json")
     shapes = {c["name"]: c["shape"] for c in parity["cases"]}
-    assert shapes == {"batch_1": [1, 3, 32, 32], "batch_7": [7, 3, 32, 32], "batch_32": [32, 3, 32, 32]}
+    assert shapes == {"batch_1": [1, 3, 32, 32], "batch_7": [7, 3, 32, 32], "validation": [32, 3, 32, 32]}
     assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0
 
 
@@ -91,14 +92,104 @@ def leftovers(parent: Path) -> list[str]:
 def test_parity_failure_exits_1_and_writes_nothing(tiny_text_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     import deepship.export.onnx as onnx_mod
 
-    real = onnx_mod.torch_logits
-    monkeypatch.setattr(onnx_mod, "torch_logits", lambda run, raw, batch_size=32: real(run, raw, batch_size) + 1e-2)
+    real = onnx_mod.torch_outputs
+
+    def shifted(run, raw, batch_size=32):
+        logits, embeddings = real(run, raw, batch_size)
+        return logits + 1e-2, embeddings
+
+    monkeypatch.setattr(onnx_mod, "torch_outputs", shifted)
     out = tmp_path / "pkg"
     code = cli.main(["export", "--run", str(tiny_text_run), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1
-    assert "parity gate failed: max_abs_diff 0.01" in err and "tolerance 0.0001" in err
+    assert "parity gate failed: logits max_abs_diff 0.01," in err and "atol 0.0001" in err
     assert leftovers(tmp_path) == []  # no package, no staging folder
+
+
+def test_embeddings_that_differ_fail_the_gate(tiny_text_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import deepship.export.onnx as onnx_mod
+
+    real = onnx_mod.torch_outputs
+
+    def shifted(run, raw, batch_size=32):  # the logits agree; only the exported embeddings do not
+        logits, embeddings = real(run, raw, batch_size)
+        return logits, embeddings + 1e-2
+
+    monkeypatch.setattr(onnx_mod, "torch_outputs", shifted)
+    code = cli.main(["export", "--run", str(tiny_text_run), "--out", str(tmp_path / "pkg")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "parity gate failed" in err and "embeddings max_abs_diff 0.01 " in err
+    assert leftovers(tmp_path) == []
+
+
+def test_a_disagreeing_validation_input_past_the_first_32_fails_the_gate(tiny_text_run: Path, text_package: Path,
+                                                                          monkeypatch) -> None:
+    import deepship.export.onnx as onnx_mod
+    from deepship.errors import ExportError
+    from deepship.run import load_run
+    from deepship.runtime.predictor import Predictor
+
+    val = [f"the movie number {i} was great" for i in range(300)]
+    target = val[200]  # far past the first 32 inputs; inside the 256 the gate compares
+    real = onnx_mod.torch_outputs
+
+    def one_input_off(run, raw, batch_size=32):
+        logits, embeddings = real(run, raw, batch_size)
+        logits[[i for i, text in enumerate(raw) if text == target]] += 1.0
+        return logits, embeddings
+
+    monkeypatch.setattr(onnx_mod, "torch_outputs", one_input_off)
+    predictor = Predictor.load(text_package)
+    cases = onnx_mod.parity_cases(val, predictor.modality)
+    report = onnx_mod.check_parity(load_run(tiny_text_run), predictor, cases)
+    validation = next(c for c in report.cases if c.name == "validation")
+    assert validation.num_inputs == 256 and report.num_compared == 1 + 7 + 256 + 7 + 7
+    assert validation.within_tolerance is False and report.max_abs_diff == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ExportError, match="first failing case 'validation'"):
+        onnx_mod.enforce_fp32_gate(report, onnx_mod.Tolerance())
+
+
+# ---------------------------------------------------------------------------------- manifest
+def canonical_sha256(manifest: dict) -> str:
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                          .encode("utf-8")).hexdigest()
+
+
+def test_manifest_carries_the_sha256_of_its_own_canonical_json(text_package: Path) -> None:
+    manifest = read_json(text_package / "package.json")
+    assert manifest["manifest_sha256"] == canonical_sha256(manifest)
+
+
+@pytest.mark.parametrize("key, value", [("labels", ["pos", "neg"]), ("thresholds", {"min_confidence": 0.99}),
+                                        ("calibration", {"temperature": 9.0})])
+def test_an_edited_manifest_is_refused_with_exit_2(text_package: Path, tmp_path: Path, capsys, key: str, value) -> None:
+    from deepship.errors import PackageError
+    from deepship.runtime.predictor import Predictor
+
+    package = copy_package(text_package, tmp_path / "pkg")
+    manifest = read_json(package / "package.json")
+    manifest[key] = value
+    (package / "package.json").write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(PackageError, match=r"package\.json: content does not match its manifest_sha256"):
+        Predictor.load(package)
+    (tmp_path / "in.txt").write_text("a fine film\n")
+    assert cli.main(["predict", "--package", str(package), "--input", str(tmp_path / "in.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {package / 'package.json'}: content does not match") and len(err.splitlines()) == 1
+
+
+def test_a_package_without_manifest_hash_loads_with_a_warning(text_package: Path, tmp_path: Path, capsys) -> None:
+    from deepship.runtime.predictor import Predictor
+
+    package = copy_package(text_package, tmp_path / "pkg")
+    manifest = read_json(package / "package.json")
+    del manifest["manifest_sha256"]  # as exported before the manifest hashed itself
+    (package / "package.json").write_text(json.dumps(manifest))
+    assert Predictor.load(package).labels == ["neg", "pos"]
+    assert "has no manifest_sha256" in capsys.readouterr().err
 
 
 def test_export_refuses_an_existing_package_without_overwrite(text_package: Path, tiny_text_run: Path, capsys) -> None:

@@ -13,7 +13,7 @@ import pytest
 from deepship.errors import PackageError
 from deepship.runtime.predictor import Predictor
 
-from conftest import FORBIDDEN_IN_RUNTIME, copy_package, run_val_samples
+from conftest import FORBIDDEN_IN_RUNTIME, copy_package, rewrite_manifest, run_val_samples
 
 TEXTS = ["the movie was great", "awful boring plot", "really quite a delightful story " * 3]
 
@@ -70,7 +70,7 @@ def test_calibration_temperature_from_the_manifest_softens_probabilities(text_pa
         package = copy_package(text_package, tmp_path / f"pkg-{t}")
         manifest = json.loads((package / "package.json").read_text())
         manifest["calibration"]["temperature"] = t
-        (package / "package.json").write_text(json.dumps(manifest))  # package.json is not hashed: the rule is data
+        rewrite_manifest(package, manifest)  # a re-sealed decision rule, as a re-export writes it
         return package
 
     plain, warm = Predictor.load(with_temperature(1.0)).predict(TEXTS), Predictor.load(with_temperature(4.0)).predict(TEXTS)
@@ -99,7 +99,7 @@ def test_unknown_format_version_is_refused(text_package: Path, tmp_path: Path, v
     package = copy_package(text_package, tmp_path / "pkg")
     manifest = json.loads((package / "package.json").read_text())
     manifest["format_version"] = version
-    (package / "package.json").write_text(json.dumps(manifest))
+    rewrite_manifest(package, manifest)
     with pytest.raises(PackageError, match=rf"format_version {version!r} is not supported.*supports \[1\]"):
         Predictor.load(package)
 

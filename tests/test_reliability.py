@@ -29,7 +29,7 @@ from deepship.files import atomic_write_text, remove_temp_files, temp_path
 from deepship.checkpointing import AtomicCheckpointIO
 from deepship.training import fit
 
-from conftest import image_config, text_config, write_config, write_image_folder, write_text_csv
+from conftest import image_config, rewrite_manifest, text_config, write_config, write_image_folder, write_text_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -563,11 +563,11 @@ def tamper_package(package: Path, dst: Path, change: str) -> Path:
     else:
         (out / "model.onnx").write_bytes(b"\x08\x07 this is not an onnx graph" * 10)
         if change == "onnx-rehashed":  # corrupt at export time: the hashes match, onnxruntime must refuse it
-            from deepship.runtime.predictor import sha256_file
+            from deepship.runtime.package import sha256_file
 
             manifest = json.loads((out / "package.json").read_text())
             manifest["files"]["model.onnx"] = sha256_file(out / "model.onnx")
-            (out / "package.json").write_text(json.dumps(manifest))
+            rewrite_manifest(out, manifest)
     return out
 
 

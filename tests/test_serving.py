@@ -42,7 +42,7 @@ from deepship.serving.predlog import PredictionLog
 from deepship.serving.settings import ServeSettings, load_settings
 from deepship.serving.state import ServingState
 
-from conftest import FORBIDDEN_IN_RUNTIME, copy_package, toy_image
+from conftest import FORBIDDEN_IN_RUNTIME, copy_package, rewrite_manifest, toy_image
 
 REPO = Path(__file__).resolve().parents[1]
 POS = ["the movie was great and wonderful", "a superb delightful story", "lovely excellent film"]
@@ -105,12 +105,12 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def relabelled_package(package: Path, dst: Path, suffix: str) -> Path:
-    """A copy whose labels and model_version differ: tells apart which model answered (package.json is not hashed)."""
+    """A copy whose labels and model_version differ: tells apart which model answered (manifest re-sealed)."""
     copy = copy_package(package, dst)
     manifest = json.loads((copy / "package.json").read_text())
     manifest["labels"] = [f"{label}-{suffix}" for label in manifest["labels"]]
     manifest["model_version"] = f"{manifest['model_version']}-{suffix}"
-    (copy / "package.json").write_text(json.dumps(manifest))
+    rewrite_manifest(copy, manifest)
     return copy
 
 
@@ -180,7 +180,7 @@ def test_images_by_base64_json_and_by_multipart_upload_agree(image_server: Runni
 
 def test_each_uploaded_image_is_decoded_once(image_server: Running, monkeypatch: pytest.MonkeyPatch) -> None:
     """The decode that validates an upload is the one the model gets (no second decode on the model thread)."""
-    from deepship.runtime import predictor as predictor_module
+    from deepship.runtime import modality as predictor_module
     from deepship.runtime import preprocess
     from deepship.serving import requests as requests_module
 
@@ -518,10 +518,10 @@ def test_abstentions_are_counted(text_package: Path, tmp_path: Path) -> None:
     samples = metric_samples(metrics.render().decode())
     assert samples[("deepship_abstentions_total", ())] == 1
     assert samples[("deepship_predictions_total", (("label", "a"),))] == 1
-    strict = copy_package(text_package, tmp_path / "strict")  # package.json is not hashed: thresholds can change
+    strict = copy_package(text_package, tmp_path / "strict")  # a re-sealed manifest with other thresholds
     manifest = json.loads((strict / "package.json").read_text())
     manifest["thresholds"] = {"min_confidence": 1.01}  # unreachable: every prediction abstains
-    (strict / "package.json").write_text(json.dumps(manifest))
+    rewrite_manifest(strict, manifest)
     with running(strict) as server, server.client() as client:
         answer = client.post("/v1/predict", json={"inputs": [POS[0], NEG[0], POS[1]]}).json()
         samples = metric_samples(client.get("/metrics").text)
@@ -623,8 +623,10 @@ def test_sighup_reloads_the_package_folder_and_sigterm_exits_cleanly(text_packag
         old = get_json(url + "/v1/model")["model_version"]
         manifest = json.loads((package / "package.json").read_text())
         manifest["model_version"] = old + "-hup"
-        (package / "package.json.tmp").write_text(json.dumps(manifest))
-        os.replace(package / "package.json.tmp", package / "package.json")  # a deploy replaces files atomically
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        rewrite_manifest(staging, manifest)  # a re-export with the new version: the manifest hash still holds
+        os.replace(staging / "package.json", package / "package.json")  # a deploy replaces files atomically
         process.send_signal(signal.SIGHUP)
         assert wait_until(lambda: get_json(url + "/v1/model").get("model_version") == old + "-hup")
         assert get_json(url + "/v1/model")["previous_version"] == old

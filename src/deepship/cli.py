@@ -63,7 +63,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from deepship.runtime.predictor import predict_file  # torch-free: runs on serving hosts
+    from deepship.runtime.batch import predict_file  # torch-free: runs on serving hosts
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")

@@ -14,7 +14,7 @@ def write_synthetic_log(package_dir: Path, path: Path, rows: int, seed: int = 0)
     one timestamp per second, in the record format serve writes."""
     import numpy as np
 
-    from deepship.runtime.predictor import read_manifest
+    from deepship.runtime.package import read_manifest
 
     manifest = read_manifest(package_dir)
     signals, labels = manifest["reference"]["signals"], manifest["labels"]

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 from deepship.bench.common import ratio
 from deepship.errors import DeepshipError
 from deepship.evaluation.latency import percentiles_ms
+from deepship.runtime.modality import Modality
 
 
 def bench_serve(package: str | Path, concurrency: Sequence[int] = (1, 4, 16, 64), modes: Sequence[str] = ("on", "off"),
@@ -34,21 +35,23 @@ def bench_serve(package: str | Path, concurrency: Sequence[int] = (1, 4, 16, 64)
         with running_server(package, batching=mode == "on") as (url, pid):
             for level in concurrency:
                 result = asyncio.run(load_level(url, bodies, level, duration_s, max_requests))
-                rows.append({"kind": "serve", "modality": modality, "batching": mode, "concurrency": level,
+                rows.append({"kind": "serve", "modality": modality.name, "batching": mode, "concurrency": level,
                              "items_per_request": items, **result, "server_rss_mib": resident_mib(pid)})
     add_ratios(rows)
     return rows
 
 
-def make_bodies(modality: str, items: int, count: int, seed: int = 0) -> list[bytes]:
+def make_bodies(modality: Modality, items: int, count: int, seed: int = 0) -> list[bytes]:
     """`count` distinct JSON request bodies: short sentences, or small noisy PNGs for image models."""
     rng = random.Random(seed)
-    if modality == "text":
-        words = ("the match was close and the team scored late while rain fell on the new phone app "
-                 "recipe with garlic and butter baked for an hour sunny forecast tomorrow").split()
-        make = lambda: " ".join(rng.choices(words, k=rng.randint(5, 20)))  # noqa: E731
-        return [json.dumps({"inputs": [make() for _ in range(items)]}).encode() for _ in range(count)]
-    return [json.dumps({"images": [noise_png_b64(rng) for _ in range(items)]}).encode() for _ in range(count)]
+    make = RANDOM_ITEMS[modality.name]
+    return [json.dumps({modality.request_key: [make(rng) for _ in range(items)]}).encode() for _ in range(count)]
+
+
+def random_sentence(rng: random.Random) -> str:
+    words = ("the match was close and the team scored late while rain fell on the new phone app "
+             "recipe with garlic and butter baked for an hour sunny forecast tomorrow").split()
+    return " ".join(rng.choices(words, k=rng.randint(5, 20)))
 
 
 def noise_png_b64(rng: random.Random, size: int = 64) -> str:
@@ -61,6 +64,9 @@ def noise_png_b64(rng: random.Random, size: int = 64) -> str:
     buffer = io.BytesIO()
     img.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+RANDOM_ITEMS = {"text": random_sentence, "image": noise_png_b64}  # one request item per modality
 
 
 def resident_mib(pid: int) -> float | None:

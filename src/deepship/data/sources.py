@@ -8,6 +8,7 @@ through as empty strings and are quarantined, counted and reported by `deepship.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -18,9 +19,8 @@ from urllib.parse import urlparse
 
 from deepship.config import DEMO_PREFIX, HF_PREFIX, DataConfig, SourceConfig, Task
 from deepship.errors import DataError
+from deepship.runtime.inputs import TABLE_FORMATS, import_parquet, row_location, table_rows
 from deepship.runtime.preprocess import IMAGE_EXTENSIONS
-
-TABLE_READERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -67,27 +67,19 @@ def read_source(spec: SourceConfig, task: Task, cfg: DataConfig) -> Samples:
     if spec.path.startswith(HF_PREFIX):
         if task == "image_classification":
             raise DataError(f"{spec.path}: hf: sources are supported for text; save images to a folder or table")
-        return _samples_from_table(_read_hf(spec), f"{spec.path}[{spec.split}]", spec.text_column or cfg.text_column,
-                                   label_column, row_word="#", first_row=0)
+        return _samples_from_hf(_read_hf(spec), f"{spec.path}[{spec.split}]", spec.text_column or cfg.text_column,
+                                label_column)
     path = resolve_source(spec.path)
     if not path.exists():
         raise DataError(f"{spec.path}: not found; give an existing folder or file")
     if task == "image_classification":
         if path.is_dir():
             return read_image_folder(path)
-        samples = _samples_from_table(_read_table(path), str(path), spec.path_column or cfg.path_column, label_column,
-                                      **_row_numbering(path))
+        samples = read_table(path, spec.path_column or cfg.path_column, label_column)
         return _resolve_image_paths(samples, path)
     if path.is_dir():
         raise DataError(f"{path}: is a folder; text data must be a CSV, JSONL or Parquet file")
-    return _samples_from_table(_read_table(path), str(path), spec.text_column or cfg.text_column, label_column,
-                               **_row_numbering(path))
-
-
-def _row_numbering(path: Path) -> dict[str, Any]:
-    # CSV rows count the header as row 1, as a spreadsheet shows them; JSONL counts lines from 1.
-    return {"row_word": "row", "first_row": 2} if TABLE_READERS[path.suffix.lower()] == "csv" else \
-        {"row_word": "line", "first_row": 1}
+    return read_table(path, spec.text_column or cfg.text_column, label_column)
 
 
 def read_image_folder(root: Path) -> Samples:
@@ -112,39 +104,40 @@ def _resolve_image_paths(samples: Samples, table: Path) -> Samples:
     return Samples(resolved, samples.labels, samples.origins, samples.source)
 
 
-def _utf8_or_replaced_copy(path: Path) -> tuple[Path, str | None]:
-    """Tables with bytes that are not UTF-8 are decoded with U+FFFD replacement (counted later)."""
-    data = path.read_bytes()
+def read_table(path: Path, input_column: str, label_column: str) -> Samples:
+    """A local CSV/TSV/JSONL/JSON/Parquet table through the runtime's reader, the one predict, monitor
+    and evaluate use (bytes that are not UTF-8 become U+FFFD, counted later by validation)."""
+    class_names = _parquet_class_names(path, label_column)
+    inputs, labels, origins = [], [], []
+    for index, row in enumerate(table_rows(path, [input_column, label_column])):
+        if index == 0:
+            _check_columns(str(path), list(row), input_column, label_column)
+        x, y = row.get(input_column), row.get(label_column)
+        inputs.append("" if x is None else str(x))
+        labels.append(_label_name(y, class_names))
+        origins.append(f"{path} {row_location(path, index)}")
+    return Samples(inputs, labels, origins, str(path))
+
+
+def _parquet_class_names(path: Path, column: str) -> list[str] | None:
+    """The class names of a label column that a Hugging Face dataset saved to Parquet as ClassLabel ints."""
+    if TABLE_FORMATS.get(path.suffix.lower()) != "parquet":
+        return None
     try:
-        data.decode("utf-8")
-        return path, None
-    except UnicodeDecodeError:
-        import tempfile
-
-        fd, tmp = tempfile.mkstemp(suffix=path.suffix)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data.decode("utf-8", errors="replace"))
-        return Path(tmp), tmp
+        metadata = import_parquet(path).read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader, with its name
+        return None
+    features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    feature = features.get(column) or {}
+    return feature.get("names") if feature.get("_type") == "ClassLabel" else None
 
 
-def _read_table(path: Path) -> Any:
-    import datasets  # local: the torch-free runtime must not pull in datasets
-
-    kind = TABLE_READERS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {sorted(TABLE_READERS)}")
-    datasets.disable_progress_bars()
-    readable, tmp = _utf8_or_replaced_copy(path) if kind != "parquet" else (path, None)
-    kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    if kind == "csv":
-        kwargs["keep_default_na"] = False  # an empty cell is an empty string, not NaN
-    try:
-        return datasets.load_dataset(kind, data_files=str(readable), split="train", keep_in_memory=True, **kwargs)
-    except Exception as exc:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot read as a table ({type(exc).__name__}: {str(exc)[:200]})") from None
-    finally:
-        if tmp:
-            os.unlink(tmp)
+def _label_name(value: Any, class_names: Sequence[str] | None) -> str:
+    if value is None:
+        return ""
+    if class_names is not None and isinstance(value, int):
+        return class_names[value] if 0 <= value < len(class_names) else ""
+    return str(value).strip()
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -176,20 +169,17 @@ def _read_hf(spec: SourceConfig) -> Any:
         ) from None
 
 
-def _label_names(table: Any, column: str) -> list[str]:
-    """ClassLabel columns hold ints; report and train on their names."""
-    feature = table.features.get(column)
-    values = table[column]
-    if hasattr(feature, "int2str"):
-        return ["" if v is None or v < 0 else feature.int2str(v) for v in values]
-    return ["" if v is None else str(v).strip() for v in values]
-
-
-def _samples_from_table(table: Any, name: str, input_column: str, label_column: str,
-                        row_word: str, first_row: int) -> Samples:
+def _check_columns(name: str, columns: Sequence[str], input_column: str, label_column: str) -> None:
     for option, column in (("data.text_column / data.path_column", input_column), ("data.label_column", label_column)):
-        if column not in table.column_names:
-            raise DataError(f"{name}: no column '{column}'; columns are {table.column_names}; set {option}")
+        if column not in columns:
+            raise DataError(f"{name}: no column '{column}'; columns are {list(columns)}; set {option}")
+
+
+def _samples_from_hf(table: Any, name: str, input_column: str, label_column: str) -> Samples:
+    """A Hugging Face dataset split; ClassLabel columns hold ints: report and train on their names."""
+    _check_columns(name, table.column_names, input_column, label_column)
+    feature = table.features.get(label_column)
+    names = feature.names if hasattr(feature, "int2str") else None
     inputs = ["" if x is None else str(x) for x in table[input_column]]
-    origins = [f"{name} {row_word} {i + first_row}" if row_word != "#" else f"{name} #{i}" for i in range(len(inputs))]
-    return Samples(inputs, _label_names(table, label_column), origins, name)
+    labels = [_label_name(y, names) for y in table[label_column]]
+    return Samples(inputs, labels, [f"{name} #{i}" for i in range(len(inputs))], name)

@@ -23,6 +23,7 @@ from deepship.evaluation.latency import measure_latency
 from deepship.evaluation.report import Decisions, build_report, comparison_section, fit_decision_rule
 from deepship.evaluation.schema import Report
 from deepship.files import atomic_write_text, finite
+from deepship.runtime.modality import Modality
 from deepship.runtime.predictor import Predictor
 
 JSON_NAME, HTML_NAME = "report.json", "report.html"
@@ -50,7 +51,7 @@ def resolve_objective(objective: ObjectiveConfig, overrides: Sequence[str]) -> O
                             "min=0.9")
 
 
-def read_labeled(path: str, cfg: Config, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def read_labeled(path: str, cfg: Config, labels: Sequence[str], modality: Modality) -> tuple[list[str], np.ndarray]:
     """Inputs and label indices from a folder or table read as the training data was read (same
     columns, same label_map); a row the package cannot score is an error naming the row."""
     from deepship.data.sources import read_split
@@ -61,7 +62,7 @@ def read_labeled(path: str, cfg: Config, labels: Sequence[str]) -> tuple[list[st
         raise DataError(f"--data {path}: holds no labeled samples")
     index = {label: i for i, label in enumerate(labels)}
     for x, y, origin in zip(samples.inputs, samples.labels, samples.origins):
-        if not x or (cfg.task == "image_classification" and not Path(x).is_file()):
+        if not modality.usable(x):
             raise DataError(f"{origin}: empty or missing input; fix or drop it before evaluating")
         if y not in index:
             raise DataError(f"{origin}: label '{y}' is not one the model knows ({sorted(index)}); fix the label, "
@@ -125,7 +126,7 @@ def evaluate_package(package: str | Path, data: str, out: str | Path, options: E
     objective = resolve_objective(cfg.objective, options.overrides)
     if options.baseline and options.baseline != "tfidf":
         raise ConfigError(f"--baseline {options.baseline}: unknown; choose tfidf")
-    inputs, targets_np = read_labeled(data, cfg, predictor.labels)
+    inputs, targets_np = read_labeled(data, cfg, predictor.labels, predictor.modality)
     logits = torch.from_numpy(predictor.batched_logits(inputs, options.batch_size, show_progress=True))
     targets = torch.from_numpy(targets_np)
     manifest = predictor.manifest

@@ -1,4 +1,4 @@
-"""Export: a finished run -> a gated, self-describing ONNX model package (DESIGN.md section 3)."""
+"""Export: a finished run -> a gated, self-describing ONNX model package."""
 
 from deepship.export.package import ExportOptions, export_package
 from deepship.export.quantize import AccuracyBudget

@@ -22,7 +22,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from deepship.errors import ConfigError, DataError, ExportError
-from deepship.export.onnx import check_onnx, check_parity, enforce_fp32_gate, export_onnx, parity_cases, torch_logits
+from deepship.export.onnx import (
+    Tolerance,
+    check_onnx,
+    check_parity,
+    enforce_fp32_gate,
+    export_onnx,
+    parity_cases,
+    run_modality,
+    torch_logits,
+)
 from deepship.export.quantize import (
     AccuracyBudget,
     QuantizationReport,
@@ -33,7 +42,8 @@ from deepship.export.quantize import (
 )
 from deepship.files import write_json
 from deepship.run import LoadedRun, load_run
-from deepship.runtime.predictor import FORMAT_VERSION, MANIFEST, MODEL_FILE, Predictor, sha256_file
+from deepship.runtime.package import FORMAT_VERSION, MANIFEST, MODEL_FILE, seal_manifest, sha256_file
+from deepship.runtime.predictor import Predictor, decide, softmax
 
 LIBRARIES = ("deepship", "torch", "torchvision", "transformers", "tokenizers", "onnx", "onnxruntime", "numpy", "pillow")
 
@@ -42,7 +52,8 @@ LIBRARIES = ("deepship", "torch", "torchvision", "transformers", "tokenizers", "
 class ExportOptions:
     quantize: str | None = None  # None or "int8"
     opset: int = 17
-    tolerance: float = 1e-4  # fp32 max |logit difference|, PyTorch vs onnxruntime
+    tolerance: float = 1e-4  # fp32 parity atol, logits and embeddings, PyTorch vs onnxruntime
+    rtol: float = 1e-4  # fp32 parity rtol: an element passes where |onnx - torch| <= tolerance + rtol * |torch|
     budget: AccuracyBudget = field(default_factory=AccuracyBudget)
     overwrite: bool = False
     max_val_samples: int = 2000  # caps the int8 accuracy comparison on large val sets
@@ -90,7 +101,7 @@ def hash_files(package_dir: Path) -> dict[str, str]:
 
 def write_manifest(package_dir: Path, base: dict[str, Any]) -> dict[str, Any]:
     files = hash_files(package_dir)
-    manifest = {**base, "model_version": f"{base['run']['name']}-{files[MODEL_FILE][:12]}", "files": files}
+    manifest = seal_manifest({**base, "model_version": f"{base['run']['name']}-{files[MODEL_FILE][:12]}", "files": files})
     write_json(package_dir / MANIFEST, manifest)
     return manifest
 
@@ -144,22 +155,23 @@ def load_run_data(run: LoadedRun) -> Any:
 def build_package(run: LoadedRun, staging: Path, options: ExportOptions) -> dict[str, Any]:
     """Fill `staging` with a gated package; returns the parity report written to parity.json."""
     splits = load_run_data(run)
-    modality, spec = run.backbone.modality, run.backbone.preprocessing
+    modality, tolerance = run_modality(run), Tolerance(options.tolerance, options.rtol)
     val = splits.val.inputs[: options.max_val_samples]
     export_onnx(run, val[:2], staging / MODEL_FILE, options.opset)
-    if modality == "text":
-        shutil.copytree(run.run_dir / "tokenizer", staging / "tokenizer")  # the exact files used in training
+    for asset in modality.assets:  # e.g. the tokenizer: the exact files used in training
+        shutil.copytree(run.run_dir / asset, staging / asset)
     base = base_manifest(run, len(splits.train), options.quantize or "fp32")
     write_manifest(staging, base)
     predictor = Predictor.load(staging)  # the gate runs the package's own torch-free preprocessing
-    cases = parity_cases(val, modality, getattr(spec, "max_length", None))
-    report = check_parity(run, predictor, cases)
-    enforce_fp32_gate(report, options.tolerance)
-    parity = {"passed": True, "precision": "fp32", "gate": {"kind": "tolerance", "max_abs_diff": options.tolerance,
+    cases = parity_cases(val, modality)
+    report = check_parity(run, predictor, cases, tolerance)
+    enforce_fp32_gate(report, tolerance)
+    parity = {"passed": True, "precision": "fp32", "gate": {"kind": "tolerance", "atol": tolerance.atol,
+                                                             "rtol": tolerance.rtol, "outputs": ["logits", "embeddings"],
                                                              "min_top1_agreement": 1.0}, **report.to_dict()}
     targets = np.array([run.classes.index(y) for y in splits.val.labels[: len(val)]])
     if options.quantize == "int8":
-        parity = quantize_package(run, staging, predictor, cases, val, targets, parity, options)
+        parity = quantize_package(run, staging, predictor, cases, val, targets, parity, options, tolerance)
     parity |= {"onnx_checker": "passed (full_check)", "opset": options.opset, "libraries": base["libraries"]}
     write_json(staging / "parity.json", parity)
     shipped = Predictor.load(staging)
@@ -192,13 +204,10 @@ def reference_profile(staging: Path, shipped: Predictor, input_stats: list[dict[
     """What `monitor` compares production with: the validation set through the shipped model and its
     decision rule (deepship.monitoring.reference)."""
     from deepship.monitoring.reference import build_profile, stats_columns, write_embeddings
-    from deepship.runtime.predictor import decide, softmax
-    from deepship.runtime.stats import IMAGE_SIGNALS, TEXT_SIGNALS
 
     probs = softmax(logits, base["calibration"]["temperature"])
     preds, confidence, _ = decide(probs, base["labels"], base["thresholds"])
-    names = TEXT_SIGNALS if shipped.modality == "text" else IMAGE_SIGNALS
-    stats = stats_columns(input_stats, names)
+    stats = stats_columns(input_stats, shipped.modality.signals)
     profile = build_profile(base["labels"], preds, confidence, targets, stats, source=f"val ({len(targets)} samples)")
     if embeddings is not None:
         profile["embeddings"] = write_embeddings(staging, embeddings)
@@ -206,16 +215,17 @@ def reference_profile(staging: Path, shipped: Predictor, input_stats: list[dict[
 
 
 def quantize_package(run: LoadedRun, staging: Path, fp32: Predictor, cases: Sequence[Any], val: Sequence[str],
-                     targets: np.ndarray, fp32_parity: dict[str, Any], options: ExportOptions) -> dict[str, Any]:
+                     targets: np.ndarray, fp32_parity: dict[str, Any], options: ExportOptions,
+                     tolerance: Tolerance) -> dict[str, Any]:
     """Replace model.onnx by its int8 version, then hold it to the accuracy budget on the val set."""
     fp32_path = staging.parent / f"{staging.name}.fp32.onnx"  # outside staging: not part of the package
     os.replace(staging / MODEL_FILE, fp32_path)
     try:
-        method = quantize_int8(fp32_path, staging / MODEL_FILE, run.backbone.modality, fp32, val)
+        method = quantize_int8(fp32_path, staging / MODEL_FILE, fp32, val)
         check_onnx(staging / MODEL_FILE)
         write_manifest(staging, fp32.manifest)  # new hashes and model_version for the int8 model
         int8 = Predictor.load(staging)
-        int8_parity = check_parity(run, int8, cases)  # recorded; int8 is judged by the budget below
+        int8_parity = check_parity(run, int8, cases, tolerance)  # recorded; int8 is judged by the budget below
         val_scores = compare_on_val(torch_logits(run, val), fp32.batched_logits(val), int8.batched_logits(val), targets)
         one = fp32.preprocess(val[:1])
         acc = val_scores["val_accuracy"]

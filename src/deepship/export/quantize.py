@@ -1,16 +1,15 @@
 """INT8 with onnxruntime.quantization, judged by an accuracy budget instead of a float tolerance.
 
-Transformers get dynamic quantization (int8 weights, activations scaled per batch at run time): their
-cost is in MatMuls and activation ranges vary per input. CNNs get static QDQ quantization calibrated on
-real validation images: convolutions need fixed activation scales to run as int8 kernels.
+The method is the modality's (deepship.runtime.modality): transformers get dynamic quantization (int8
+weights, activations scaled per batch at run time): their cost is in MatMuls and activation ranges vary
+per input. CNNs get static QDQ quantization calibrated on real validation images: convolutions need
+fixed activation scales to run as int8 kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -18,7 +17,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from deepship.errors import ExportError
-from deepship.runtime.predictor import Predictor, build_session
+from deepship.evaluation.latency import median_ms, time_calls
+from deepship.runtime.package import build_session
+from deepship.runtime.predictor import Predictor
 
 CALIBRATION_SAMPLES = 128
 LATENCY_RUNS = 50
@@ -40,26 +41,38 @@ class CalibrationReader:
         return next(self._batches, None)
 
 
-def quantize_int8(src: Path, dst: Path, modality: str, predictor: Predictor, calibration: Sequence[str]) -> str:
-    """Write an int8 copy of `src` to `dst`; returns the method used ("dynamic" or "static")."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
+def quantize_int8(src: Path, dst: Path, predictor: Predictor, calibration: Sequence[str]) -> str:
+    """Write an int8 copy of `src` to `dst` by the modality's method; returns it ("dynamic" or "static")."""
+    method = predictor.modality.quantization
     with quiet_root_logger():
-        if modality == "text":
-            # Per-channel weight scales, and the head (pooler, classifier: Gemm on the pooled (N, H) vector)
-            # kept fp32: it costs nothing next to the per-token MatMuls, but its error lands on the logits.
-            # On MiniLM/rt-polarity (1,000 val) this took the val accuracy drop from 1.1 to 0.7 points.
-            # reduce_range (7-bit weights) avoids the u8 x s8 saturation of AVX2 kernels on CPUs without
-            # VNNI; on MiniLM/rt-polarity it raised top-1 agreement with fp32 from 98.0% to 98.5%.
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                             nodes_to_exclude=head_nodes(src))
-            return "dynamic"
-        samples = list(calibration)[:CALIBRATION_SAMPLES]
-        batches = [predictor.preprocess(samples[i : i + 16]) for i in range(0, len(samples), 16)]
-        quantize_static(str(src), str(dst), CalibrationReader(batches), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
-        return "static"
+        if method == "dynamic":
+            quantize_dynamic_int8(src, dst)
+        else:
+            quantize_static_int8(src, dst, predictor, calibration)
+    return method
+
+
+def quantize_dynamic_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Per-channel weight scales, and the head (pooler, classifier: Gemm on the pooled (N, H) vector)
+    # kept fp32: it costs nothing next to the per-token MatMuls, but its error lands on the logits.
+    # On MiniLM/rt-polarity (1,000 val) this took the val accuracy drop from 1.1 to 0.7 points.
+    # reduce_range (7-bit weights) avoids the u8 x s8 saturation of AVX2 kernels on CPUs without
+    # VNNI; on MiniLM/rt-polarity it raised top-1 agreement with fp32 from 98.0% to 98.5%.
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                     nodes_to_exclude=head_nodes(src))
+
+
+def quantize_static_int8(src: Path, dst: Path, predictor: Predictor, calibration: Sequence[str]) -> None:
+    """QDQ int8 with activation scales calibrated (MinMax) on real validation inputs."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    samples = list(calibration)[:CALIBRATION_SAMPLES]
+    batches = [predictor.preprocess(samples[i : i + 16]) for i in range(0, len(samples), 16)]
+    quantize_static(str(src), str(dst), CalibrationReader(batches), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
 
 
 def head_nodes(model: Path) -> list[str]:
@@ -84,16 +97,8 @@ def quiet_root_logger() -> Iterator[None]:
 def measure_latency_ms(model: Path, arrays: dict[str, np.ndarray], runs: int = LATENCY_RUNS) -> float:
     """p50 of `runs` timed session.run calls after warm-up; preprocessing excluded."""
     session = build_session(model)
-    names = [i.name for i in session.get_inputs()]
-    feed = {n: arrays[n] for n in names}
-    for _ in range(5):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    feed = {i.name: arrays[i.name] for i in session.get_inputs()}
+    return median_ms(time_calls(lambda: session.run(None, feed), runs))
 
 
 @dataclass

@@ -23,8 +23,9 @@ from deepship.errors import ConfigError, DataError
 from deepship.evaluation.metrics import bootstrap_values, percentile_interval, score
 from deepship.monitoring.drift import binned, chi_square_test, holm, ks_test, mmd_test, psi, sample_rows
 from deepship.monitoring.reference import EMBEDDING_SAMPLE, read_embeddings
-from deepship.runtime.predictor import Predictor, decide, read_inputs, read_jsonl, softmax
-from deepship.runtime.stats import IMAGE_SIGNALS, TEXT_SIGNALS
+from deepship.runtime.batch import read_inputs
+from deepship.runtime.inputs import labeled_rows
+from deepship.runtime.predictor import Predictor, decide, softmax
 
 SCHEMA_VERSION = 1
 LOG_KEYS = {"label", "confidence", "probs"}  # what makes a JSONL file a prediction log
@@ -108,7 +109,7 @@ def read_log(path: Path, labels: Sequence[str], signals: Sequence[str]) -> Curre
 
 def read_data(path: Path, predictor: Predictor, signals: Sequence[str], batch_size: int = 32) -> Current:
     """A dataset predicted on the fly through the package (decision rule, input stats, embeddings)."""
-    items = read_inputs(path, predictor.modality)
+    items = list(read_inputs(path, predictor.modality))
     inputs = [x for _, x in items]
     logits, embeddings, records = predictor.outputs_and_stats(inputs, batch_size, show_progress=True)
     preds, confidence, _ = decide(softmax(logits, predictor.temperature), predictor.labels, predictor.thresholds)
@@ -118,24 +119,16 @@ def read_data(path: Path, predictor: Predictor, signals: Sequence[str], batch_si
 
 
 def join_labels(current: Current, path: Path, labels: Sequence[str]) -> Current:
-    """Attach true labels from a CSV/JSONL with `id` and `label` columns; unmatched rows stay unknown."""
-    import csv
-
+    """Attach true labels from a table (CSV, JSONL, Parquet, ...) with `id` and `label` columns; unmatched
+    rows stay unknown."""
     if not path.is_file():
         raise DataError(f"--labels {path}: not found; give a CSV or JSONL file with id and label columns")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = read_jsonl(path)
-    else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    if rows and not {"id", "label"} <= set(rows[0]):
-        raise DataError(f"--labels {path}: needs columns id and label (has {sorted(rows[0])})")
     index = {label: i for i, label in enumerate(labels)}
     truth = {}
-    for number, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
-        if str(row["label"]) not in index:
-            raise DataError(f"--labels {path} row {number}: label '{row['label']}' is not one of {sorted(index)}")
-        truth[str(row["id"])] = index[str(row["label"])]
+    for where, key, label in labeled_rows(path):
+        if label not in index:
+            raise DataError(f"--labels {path} {where}: label '{label}' is not one of {sorted(index)}")
+        truth[key] = index[label]
     targets = np.array([truth.get(i, -1) for i in current.ids], dtype=np.int64)
     if not (targets >= 0).any():
         raise DataError(f"--labels {path}: no id matches the current data's ids (e.g. {current.ids[:2]}); "
@@ -282,17 +275,13 @@ def examples(part: Current, k: int = 3) -> list[dict[str, Any]]:
              "predicted": int(part.preds[i])} for i in order]
 
 
-def signal_names(predictor: Predictor) -> tuple[str, ...]:
-    return TEXT_SIGNALS if predictor.modality == "text" else IMAGE_SIGNALS
-
-
 def load_current(predictor: Predictor, source: str, labels_file: str | None) -> Current:
     from deepship.data.sources import resolve_source  # demo:NAME/... sources, as in training and evaluate
 
     path = resolve_source(source)
     if not path.exists():
         raise DataError(f"--current {path}: not found; give a prediction log (serve --log) or a dataset")
-    signals = signal_names(predictor)
+    signals = predictor.modality.signals
     current = read_log(path, predictor.labels, signals) if is_prediction_log(path) else read_data(path, predictor, signals)
     if not len(current):
         raise DataError(f"--current {path}: holds no predictions or inputs")

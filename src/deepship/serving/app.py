@@ -46,7 +46,7 @@ def prediction_json(p: Prediction, item: ParsedInput) -> dict[str, Any]:
 def public_manifest(slot: ModelSlot, previous: ModelSlot | None) -> dict[str, Any]:
     """The manifest minus file hashes and training paths (local details of the build host)."""
     manifest = {k: v for k, v in slot.predictor.manifest.items() if k not in ("files", "config", "run")}
-    return {**manifest, "modality": slot.predictor.modality, "loaded_at": slot.loaded_at,
+    return {**manifest, "modality": slot.predictor.modality.name, "loaded_at": slot.loaded_at,
             "previous_version": previous.version if previous else None}
 
 

@@ -1,7 +1,8 @@
-"""Everything serving does differently for texts and images, in one table, and reading a request by it.
+"""Reading a request the way the model's modality needs it.
 
-The rest of the server is modality-blind: it asks the model's ServedModality which JSON key to read,
-how to turn its items (or uploaded files) into inputs, what the micro-batcher calls, and how to warm up.
+The runtime's modality object says which JSON key holds the inputs, whether uploads are accepted, how a
+batch is collated and what warms the model up; the one thing only serving knows, how a request's items
+are validated, is the PARSING table. The rest of the server is modality-blind.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from fastapi import Request
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from deepship.runtime.modality import MODALITIES as RUNTIME_MODALITIES
+from deepship.runtime.modality import Modality
 from deepship.runtime.predictor import Prediction, Predictor
-from deepship.runtime.preprocess import ImageSpec, TextSpec, preprocess_image
-from deepship.runtime.stats import TEXT_SIGNALS
+from deepship.runtime.preprocess import ImageSpec, TextSpec
 from deepship.serving.requests import (
     ParsedInput,
     json_type,
@@ -37,54 +38,75 @@ ParseUploads = Callable[[list[tuple[str, bytes]], ServeSettings, Any], list[Pars
 
 
 @dataclass(frozen=True)
-class ServedModality:
-    name: str
-    json_key: str  # the list a JSON body carries: {"inputs": [...]} or {"images": [...]}
-    foreign_key: str  # the other modality's key: a body with it was meant for another model
+class RequestParsing:
+    """How a request's items become validated inputs: the part of serving that only serving knows."""
+
     json_example: str
     parse_items: ParseItems  # the JSON list's strings -> validated inputs
     parse_uploads: ParseUploads | None  # multipart files -> validated inputs; None: JSON only
     inline_json: bool  # small JSON bodies are parsed on the event loop (texts are cheap; images decode)
-    batch_call: Callable[[Predictor], BatchCall]
-    warm_up: Callable[[Predictor], None]  # one prediction before /readyz: onnxruntime allocates and plans
 
 
-def text_batch_call(predictor: Predictor) -> BatchCall:
-    """One tokenization per text: the batch returns each prediction with the token signals the log carries."""
-    def run(texts: Sequence[Any]) -> list[tuple[Prediction, dict[str, Any]]]:
-        keep = (*TEXT_SIGNALS, "tokens_truncated")
-        return [(p, {k: stats[k] for k in keep}) for p, stats in predictor.predict_with_stats(texts)]
-
-    return run
-
-
-def image_batch_call(predictor: Predictor) -> BatchCall:
-    """Arrays preprocessed in the request thread; their statistics came from that same decode."""
-    return lambda arrays: [(p, {}) for p in predictor.predict_arrays(arrays)]
-
-
-def warm_up_text(predictor: Predictor) -> None:
-    predictor.predict(["warm-up"])
-
-
-def warm_up_image(predictor: Predictor) -> None:
-    size = getattr(predictor.spec, "image_size", 224)
-    gray = Image.new("RGB", (size, size), (128, 128, 128))
-    predictor.predict_arrays([preprocess_image(gray, predictor.spec)])  # the path the batcher runs
-
-
-MODALITIES = {
-    "text": ServedModality("text", "inputs", "images", '{"inputs": ["some text", ...]}',
-                           parse_items=lambda items, settings, spec: parse_texts(items, settings), parse_uploads=None,
-                           inline_json=True, batch_call=text_batch_call, warm_up=warm_up_text),
-    "image": ServedModality("image", "images", "inputs", '{"images": ["<base64 bytes>", ...]}',
-                            parse_items=parse_image_items, parse_uploads=parse_images,
-                            inline_json=False, batch_call=image_batch_call, warm_up=warm_up_image),
+PARSING = {
+    "text": RequestParsing('{"inputs": ["some text", ...]}', lambda items, settings, spec: parse_texts(items, settings),
+                           parse_uploads=None, inline_json=True),
+    "image": RequestParsing('{"images": ["<base64 bytes>", ...]}', parse_image_items, parse_uploads=parse_images,
+                            inline_json=False),
 }
+REQUEST_KEYS = frozenset(cls.request_key for cls in RUNTIME_MODALITIES.values())
+
+
+@dataclass(frozen=True)
+class ServedModality:
+    """The runtime's modality object (JSON key, multipart, warm-up input, batch collation) plus request parsing."""
+
+    runtime: Modality
+    parsing: RequestParsing
+
+    @property
+    def name(self) -> str:
+        return self.runtime.name
+
+    @property
+    def json_key(self) -> str:  # the list a JSON body carries: {"inputs": [...]} or {"images": [...]}
+        return self.runtime.request_key
+
+    @property
+    def foreign_keys(self) -> list[str]:  # other models' keys: a body with one was meant for another model
+        return sorted(REQUEST_KEYS - {self.json_key})
+
+    @property
+    def json_example(self) -> str:
+        return self.parsing.json_example
+
+    @property
+    def inline_json(self) -> bool:
+        return self.parsing.inline_json
+
+    @property
+    def parse_uploads(self) -> ParseUploads | None:
+        return self.parsing.parse_uploads if self.runtime.multipart else None
+
+    def parse_items(self, items: list[str], settings: ServeSettings, spec: Any) -> list[ParsedInput]:
+        return self.parsing.parse_items(items, settings, spec)
+
+    def batch_call(self, predictor: Predictor) -> BatchCall:
+        """One model call per batch; the statistics it computed (a text's tokens) join the log record."""
+        keep = (*self.runtime.signals, "tokens_truncated")
+
+        def run(items: Sequence[Any]) -> list[tuple[Prediction, dict[str, Any]]]:
+            return [(p, {} if stats is None else {k: stats[k] for k in keep if k in stats})
+                    for p, stats in predictor.predict_batch(items)]
+
+        return run
+
+    def warm_up(self, predictor: Predictor) -> None:
+        """One prediction through the batcher's path before /readyz: onnxruntime allocates and plans."""
+        predictor.predict_batch([self.runtime.warmup_input()])
 
 
 def served_modality(predictor: Predictor) -> ServedModality:
-    return MODALITIES[predictor.modality]
+    return ServedModality(predictor.modality, PARSING[predictor.modality.name])
 
 
 INLINE_JSON_BYTES = 64 * 1024  # bigger bodies are parsed on a worker thread, not the event loop
@@ -93,9 +115,10 @@ INLINE_JSON_BYTES = 64 * 1024  # bigger bodies are parsed on a worker thread, no
 def payload_items(payload: dict[str, Any], modality: ServedModality, settings: ServeSettings) -> list[str]:
     """The list under the modality's key ("inputs" or "images"), checked for shape and count."""
     key, example = modality.json_key, modality.json_example
-    if modality.foreign_key in payload:
+    foreign = [k for k in modality.foreign_keys if k in payload]
+    if foreign:
         raise ApiError(400, "wrong_modality", f'this is a {modality.name} model; send {example}, '
-                                              f'not "{modality.foreign_key}"')
+                                              f'not "{foreign[0]}"')
     unknown = sorted(set(payload) - {key})
     if unknown:
         raise ApiError(400, "invalid_request", f"unknown key(s) {unknown}; send {example}")

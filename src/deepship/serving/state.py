@@ -100,7 +100,7 @@ class ServingState:
             except DeepshipError as exc:
                 self.metrics.reloads.labels("failed").inc()
                 raise ApiError(422, "reload_failed", f"{exc}; still serving {self.version()}") from None
-            if self.current is not None and slot.modality is not self.current.modality:
+            if self.current is not None and slot.modality.name != self.current.modality.name:
                 await slot.batcher.close()
                 self.metrics.reloads.labels("failed").inc()
                 raise ApiError(422, "reload_failed", f"{target}: a {slot.modality.name} model, but this server "
