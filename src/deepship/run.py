@@ -39,9 +39,8 @@ def class_weights(cfg: Config, classes: list[str], train_labels: list[str]) -> t
 
 def loss_settings(cfg: Config, classes: list[str], train_labels: list[str]) -> dict[str, Any]:
     f = cfg.finetune
-    image = cfg.task == "image_classification"
     return {"class_weights": class_weights(cfg, classes, train_labels), "label_smoothing": f.label_smoothing,
-            "mixup": f.mixup if image else 0.0, "cutmix": f.cutmix if image else 0.0}
+            "mixup": f.mixup, "cutmix": f.cutmix}  # the module mixes image batches only
 
 
 def build_module(cfg: Config, backbone: Backbone, classes: list[str], loss: dict[str, Any],

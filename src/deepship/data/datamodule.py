@@ -20,7 +20,7 @@ from deepship.data.split import Splits, encode_labels
 from deepship.data.text import TextCollator, TextDataset
 from deepship.errors import ConfigError
 from deepship.models.backbones import Backbone
-from deepship.runtime.preprocess import ImageSpec, TextPreprocessor
+from deepship.runtime.preprocess import ImageSpec, TextPreprocessor, load_image
 
 # Length-grouped text batches are sorted within chunks of this many batches: long enough that batches are
 # nearly uniform in length, short enough that an epoch still mixes short and long texts throughout.
@@ -137,6 +137,16 @@ class ShardSampler(Sampler):
 
 def text_preprocessor(backbone: Backbone) -> TextPreprocessor:
     return TextPreprocessor(backbone.tokenizer.backend_tokenizer, backbone.preprocessing)
+
+
+def eval_batch(backbone: Backbone, raw: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Raw inputs (image paths or texts) through exactly what validation uses during training: the
+    reference the export parity gate holds the package's own preprocessing to."""
+    if backbone.modality == "image":
+        transform = eval_transform(backbone.preprocessing)
+        return collate_images([(transform(load_image(p)), 0) for p in raw])[0]
+    preprocessor = text_preprocessor(backbone)
+    return TextCollator(preprocessor)([(e, 0) for e in preprocessor.tokenize(list(raw))])[0]
 
 
 def resolve_decode(cfg: Config, train_paths: Sequence[str]) -> Literal["cpu", "gpu"]:

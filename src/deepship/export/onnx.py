@@ -34,17 +34,9 @@ def run_modality(run: LoadedRun) -> Modality:
 # --------------------------------------------------------------------------------- reference
 def training_inputs(run: LoadedRun, raw: Sequence[str]) -> dict[str, torch.Tensor]:
     """Raw inputs through exactly what validation used during training (the data layer's collate)."""
-    if run.backbone.modality == "image":
-        from deepship.data.image import collate_images, eval_transform
-        from deepship.runtime.preprocess import load_image
+    from deepship.data.datamodule import eval_batch
 
-        transform = eval_transform(run.backbone.preprocessing)
-        return collate_images([(transform(load_image(p)), 0) for p in raw])[0]
-    from deepship.data.datamodule import text_preprocessor
-    from deepship.data.text import TextCollator
-
-    preprocessor = text_preprocessor(run.backbone)
-    return TextCollator(preprocessor)([(e, 0) for e in preprocessor.tokenize(raw)])[0]
+    return eval_batch(run.backbone, raw)
 
 
 def classification_head(net: torch.nn.Module) -> torch.nn.Module:

@@ -104,7 +104,7 @@ class ClassifierModule(L.LightningModule):
     def model_step(self, batch: Batch, stage: str, batch_idx: int = 0) -> torch.Tensor | None:
         inputs, targets = batch
         hard = targets
-        if stage == "train" and self.mixer is not None:
+        if stage == "train" and self.mixer is not None and "pixel_values" in inputs:  # token ids cannot be mixed
             inputs = dict(inputs)
             inputs["pixel_values"], targets = self.mixer(inputs["pixel_values"], targets)
             hard = targets.argmax(1) if targets.ndim == 2 else targets
