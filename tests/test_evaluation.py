@@ -299,3 +299,20 @@ def test_objective_config_rejects_contradictions() -> None:
                 {"per_class_thresholds": True}, {"metric": "auc"}, {"min": 1.5}):
         with pytest.raises(ValidationError):
             ObjectiveConfig.model_validate(bad)
+
+
+@pytest.mark.parametrize("target", [{"target_precision": 0.9}, {"target_coverage": 0.8}])
+def test_a_cost_rule_with_a_confidence_target_exits_2_naming_both_keys(target: dict, tmp_path, capsys) -> None:
+    """The cost rule moves binary decisions off the top class, so a confidence threshold fitted on
+    the top class would promise a precision or coverage the package does not deliver."""
+    from deepship import cli
+
+    from conftest import write_config, write_text_csv
+
+    raw = {"task": "text_classification", "data": {"train": str(write_text_csv(tmp_path / "t.csv", n_per_class=5))},
+           "train": {"out_dir": str(tmp_path / "runs"), "run_name": "r"},
+           "objective": {"cost_fp": 1.0, "cost_fn": 5.0, **target}}
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "objective: cost_fp/cost_fn and " + next(iter(target)) in err[0], err
+    assert not (tmp_path / "runs").exists()
