@@ -153,6 +153,34 @@ def test_infeasible_precision_is_reported_not_faked() -> None:
     assert not chosen.feasible and chosen.value is None and "no threshold reaches precision 0.95" in chosen.note
 
 
+def brute_force_precision_threshold(probs: np.ndarray, targets: np.ndarray, target: float) -> tuple:
+    """Every observed confidence as a candidate threshold, answering everything at or above it:
+    (value, precision, coverage) of the lowest candidate reaching `target`, or None."""
+    confidence, correct = probs.max(1), probs.argmax(1) == targets
+    for value in sorted(set(confidence.tolist())):
+        answered = confidence >= value
+        if correct[answered].mean() >= target:
+            return value, correct[answered].mean(), answered.mean()
+    return None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_precision_threshold_equals_brute_force_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(1, 400)), int(rng.integers(2, 5))
+    probs = np.round(rng.dirichlet(np.ones(c) * 0.7, size=n), 1 + seed % 2)  # coarse rounding: many ties
+    targets = np.where(rng.random(n) < 0.7, probs.argmax(1), rng.integers(0, c, n))
+    for target in (0.5, 0.8, 0.95, 1.0):
+        fast = threshold_for_precision(torch.tensor(probs), torch.tensor(targets), target)
+        expected = brute_force_precision_threshold(probs, targets, target)
+        if expected is None:
+            assert not fast.feasible and fast.value is None
+            top = probs.max(1) == probs.max()
+            assert fast.precision == (probs.argmax(1) == targets)[top].mean() and fast.coverage == top.mean()
+        else:
+            assert fast.feasible and (fast.value, fast.precision, fast.coverage) == expected
+
+
 def test_coverage_threshold_and_risk_curve() -> None:
     probs, targets = synthetic(1000, seed=3)
     chosen = threshold_for_coverage(probs, targets, target=0.8)
