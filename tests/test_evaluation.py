@@ -344,3 +344,25 @@ def test_a_cost_rule_with_a_confidence_target_exits_2_naming_both_keys(target: d
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "objective: cost_fp/cost_fn and " + next(iter(target)) in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("metric", ["roc_auc", "pr_auc"])
+def test_compare_on_a_metric_undefined_in_every_resample_reports_undefined(metric: str, tmp_path) -> None:
+    """A one-class slice: ROC-AUC and PR-AUC exist on no resample, so there is no interval to take."""
+    from deepship.config import ObjectiveConfig
+    from deepship.evaluation.evaluate import write_report
+    from deepship.evaluation.report import Decisions, build_report, comparison_section
+
+    g = torch.Generator().manual_seed(0)
+    logits_a, logits_b = torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g)
+    targets = torch.ones(50, dtype=torch.long)
+    champion, challenger = Decisions(logits_a, 1.0, None, ["n", "p"]), Decisions(logits_b, 1.0, None, ["n", "p"])
+    section = comparison_section(champion, challenger, targets, metric, {"package": "b"}, n_resamples=50)
+    assert section["paired_bootstrap"] == {"ci": None, "p_value": None, "n_resamples": 0}
+    assert section["difference"] is None and section["conclusion"].startswith("undefined:")
+    accuracy_by_hand = float((logits_b.argmax(1) == 1).double().mean())
+    assert section["challenger_metrics"]["accuracy"] == pytest.approx(accuracy_by_hand)
+    report = build_report(logits_a, targets, ["n", "p"], ObjectiveConfig(metric=metric), calibration={},
+                          thresholds=None, model={}, data={}, comparison=section, n_resamples=50)
+    write_report(report, tmp_path)  # the schema accepts it and the page renders it
+    assert "undefined" in (tmp_path / "report.html").read_text()
