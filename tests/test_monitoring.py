@@ -307,3 +307,21 @@ def test_rt_polarity_package_is_quiet_on_held_out_reviews_and_alerts_on_other_te
     assert monitor(package, topics, tmp_path / "other", "--set", "monitor.window=160") == 3
     alerting = read_json(tmp_path / "other" / "monitor.json")["summary"]["signals_alerting"]
     assert {"tokens", "embeddings"} & set(alerting), alerting
+
+
+@pytest.mark.slow
+def test_embedding_drift_on_real_minilm_embeddings() -> None:
+    """rt-polarity reviews through the pretrained MiniLM: quiet on other reviews at every window size,
+    alerting on generated topic sentences. The full measurement (200 windows per size) is
+    `python tests/embedding_drift.py`; this runs a smaller one."""
+    if not RT_POLARITY.is_dir():
+        pytest.skip(reason=f"{RT_POLARITY} not found (the rt-polarity reference data is absent on this machine)")
+    from embedding_drift import load, measure
+
+    null_windows = 40
+    results = dict(measure(*load(), null_windows=null_windows, shift_windows=20))
+    slack = 2 * np.sqrt(0.05 * 0.95 / null_windows)
+    for name, rates in results.items():
+        if name.startswith("false alarms"):
+            assert all(rate <= 0.05 + slack for rate in rates.values()), (name, rates)
+    assert all(rate >= 0.9 for rate in results["power, window 1000, topic sentences"].values()), results
