@@ -174,12 +174,12 @@ def numeric_signal(reference: dict[str, Any], current: np.ndarray) -> dict[str, 
 
 
 def embedding_signal(reference: np.ndarray, current: np.ndarray, resolution: float) -> dict[str, Any]:
-    """MMD^2 of (a sample of) the window's embeddings against the reference's; `limit` is the effect
-    limit calibrated on halves of the reference (judge uses it unless monitor.limits names one)."""
+    """MMD^2 of (a sample of) the window's embeddings against the reference's, with the effect limit
+    calibrated on halves of the reference (judge uses it unless monitor.limits names one)."""
     drift = mmd_drift(torch.from_numpy(reference), torch.from_numpy(sample_rows(current, EMBEDDING_SAMPLE)),
                       resolution)
     return {"test": "mmd_permutation", "statistic": drift["statistic"], "p_value": drift["p_value"],
-            "effect": drift["statistic"], "effect_name": "mmd2", "limit": drift["limit"]}
+            "effect": drift["statistic"], "effect_name": "mmd2", "calibrated_limit": drift["limit"]}
 
 
 def embedding_resolution(alpha: float, signals: int) -> float:
@@ -209,7 +209,7 @@ def judge(signals: dict[str, dict[str, Any]], cfg: MonitorConfig) -> None:
     """Holm across the window's signals; alert = adjusted p < alpha and effect >= the signal's limit."""
     adjusted = holm({name: s["p_value"] for name, s in signals.items()})
     for name, s in signals.items():
-        limit = cfg.limits.get(name, s.get("limit", cfg.psi_limit))
+        limit = cfg.limits.get(name, s.get("calibrated_limit", cfg.psi_limit))
         s.update(p_adjusted=adjusted[name], limit=limit, alert=adjusted[name] < cfg.alpha and s["effect"] >= limit)
 
 
