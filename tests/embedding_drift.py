@@ -85,14 +85,17 @@ def judged_alerts(signal: dict, alphas: Sequence[float], signals: int = 5) -> di
 
 
 def alert_rates(reference: np.ndarray, windows: Iterable[np.ndarray], alphas: Sequence[float],
-                signals: int = 5) -> dict[float, float]:
-    """Share of windows alerting at each alpha; one p-value per window, resolved for the smallest alpha
-    (the sequential test draws the same permutations whatever the resolution until it stops)."""
+                signals: int = 5) -> dict[str, float]:
+    """Share of windows alerting at each alpha, and (to check the p-value itself) the share with an
+    unadjusted p below alpha. One p-value per window, resolved for the smallest alpha: the sequential
+    test draws the same permutations whatever the resolution until it stops."""
     from deepship.monitoring.monitor import embedding_resolution, embedding_signal
 
     resolution = embedding_resolution(min(alphas), signals)
-    decisions = [judged_alerts(embedding_signal(reference, w, resolution), alphas, signals) for w in windows]
-    return {alpha: float(np.mean([d[alpha] for d in decisions])) for alpha in alphas}
+    measured = [embedding_signal(reference, w, resolution) for w in windows]
+    decisions = [judged_alerts(signal, alphas, signals) for signal in measured]
+    return {**{f"alert at alpha {a:g}": float(np.mean([d[a] for d in decisions])) for a in alphas},
+            **{f"p < {a:g}": float(np.mean([s["p_value"] < a for s in measured])) for a in alphas}}
 
 
 def windows_from(pool: np.ndarray, size: int, count: int, rng: np.random.Generator,
@@ -120,6 +123,7 @@ def measure(reviews: np.ndarray, topics: np.ndarray, negative: np.ndarray, null_
     for n in sizes if null_windows else ():
         yield f"false alarms, window {n}", alert_rates(reference, windows_from(pool, n, null_windows, rng), alphas)
     shifts = {"topic sentences": (topics, None, 0.0), "reviews with 20% topic sentences": (pool, topics, 0.2),
+              "reviews with 5% topic sentences": (pool, topics, 0.05),
               "negative reviews only": (negative_pool, None, 0.0)}
     for name, (source, other, share) in shifts.items() if shift_windows else ():
         windows = windows_from(source, 1000, shift_windows, rng, other, share)
@@ -143,4 +147,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name, rates in measure(*load(), args.null_windows, args.shift_windows):
-        print(json.dumps({"what": name, **{f"alpha {a:g}": r for a, r in rates.items()}}), flush=True)
+        print(json.dumps({"what": name, **rates}), flush=True)

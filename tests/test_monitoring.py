@@ -323,5 +323,6 @@ def test_embedding_drift_on_real_minilm_embeddings() -> None:
     slack = 2 * np.sqrt(0.05 * 0.95 / null_windows)
     for name, rates in results.items():
         if name.startswith("false alarms"):
-            assert all(rate <= 0.05 + slack for rate in rates.values()), (name, rates)
-    assert all(rate >= 0.9 for rate in results["power, window 1000, topic sentences"].values()), results
+            assert all(rate <= 0.05 + slack for rate in rates.values()), (name, rates)  # p < 0.01 included
+    power = results["power, window 1000, topic sentences"]
+    assert power["alert at alpha 0.01"] >= 0.9 and power["alert at alpha 0.001"] >= 0.9, results
