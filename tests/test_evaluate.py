@@ -21,16 +21,7 @@ from scipy.special import log_softmax
 from deepship.evaluation.schema import report_schema
 from deepship.runtime.predictor import Predictor, softmax
 
-from conftest import (
-    copy_package,
-    evaluate_by_hand,
-    export,
-    read_json,
-    run_val_samples,
-    write_image_folder,
-    write_text_csv,
-)
-from test_evaluation import brute_force_precision_threshold
+from conftest import copy_package, export, read_json, run_val_samples, write_image_folder, write_text_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "docs" / "report.schema.json"
@@ -108,6 +99,8 @@ def test_tfidf_baseline_trains_on_the_package_training_split(text_report: Path, 
 
 
 def test_run_writes_the_same_report_for_its_validation_set(tiny_text_run: Path) -> None:
+    from conftest import evaluate_by_hand
+
     report = read_json(tiny_text_run / "report.json")
     validate_against_schema(report)
     metrics = read_json(tiny_text_run / "metrics.json")
@@ -168,6 +161,8 @@ def test_compare_finds_a_worse_challenger_and_no_difference_with_itself(text_pac
 
 # ------------------------------------------------------------------- the rule export writes
 def test_export_writes_fitted_temperature_and_precision_threshold(tiny_text_run: Path, tmp_path: Path) -> None:
+    from test_evaluation import brute_force_precision_threshold
+
     run = Path(shutil.copytree(tiny_text_run, tmp_path / "run"))
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["objective"] = {**config.get("objective", {}), "target_precision": 0.9}
