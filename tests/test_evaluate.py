@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from deepship import cli
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
+from deepship import cli
 from deepship.evaluation.schema import report_schema
 from deepship.runtime.predictor import Predictor, softmax
 
