@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from deepship.evaluation.calibration import calibration_errors, fit_temperature, nll, reliability_bins
-from deepship.evaluation.metrics import EPS, accuracy, bootstrap_ci, classification_metrics, log_loss
+from deepship.evaluation.metrics import EPS, bootstrap_values, classification_metrics, log_loss, percentile_interval
 from deepship.evaluation.thresholds import (
     cost_threshold,
     expected_cost,
@@ -77,18 +78,15 @@ def test_single_class_batch_has_no_auc_but_other_metrics() -> None:
     assert m["roc_auc"] is None and m["pr_auc"] is None and m["accuracy"] == 1.0
 
 
-def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_data() -> None:
-    rng = np.random.default_rng(1)
-    def sample(n):
-        y = torch.tensor(rng.integers(0, 2, n))
-        right = torch.tensor(rng.random(n) < 0.8)
-        pred = torch.where(right, y, 1 - y)
-        return torch.nn.functional.one_hot(pred, 2).double(), y
-    small, large = sample(200), sample(5000)
-    lo, hi = bootstrap_ci(*small, accuracy, n_resamples=300)
-    assert lo < accuracy(*small) < hi
-    lo2, hi2 = bootstrap_ci(*large, accuracy, n_resamples=300)
-    assert hi2 - lo2 < (hi - lo) / 2 and lo2 < 0.8 < hi2
+@pytest.mark.parametrize("n", [200, 5000])
+def test_bootstrap_interval_of_accuracy_matches_the_binomial_interval(n: int) -> None:
+    right = torch.tensor(np.random.default_rng(n).random(n) < 0.8)
+    values = bootstrap_values(n, lambda idx: float(right[idx].double().mean()), n_resamples=1000)
+    lo, hi = percentile_interval(values)
+    share = float(right.double().mean())
+    half_width = 1.96 * math.sqrt(share * (1 - share) / n)  # the normal approximation, by hand
+    assert lo < share < hi
+    assert (hi - lo) / 2 == pytest.approx(half_width, rel=0.15)
 
 
 # ------------------------------------------------------------------------------- calibration
@@ -153,6 +151,34 @@ def test_infeasible_precision_is_reported_not_faked() -> None:
     assert not chosen.feasible and chosen.value is None and "no threshold reaches precision 0.95" in chosen.note
 
 
+def brute_force_precision_threshold(probs: np.ndarray, targets: np.ndarray, target: float) -> tuple:
+    """Every observed confidence as a candidate threshold, answering everything at or above it:
+    (value, precision, coverage) of the lowest candidate reaching `target`, or None."""
+    confidence, correct = probs.max(1), probs.argmax(1) == targets
+    for value in sorted(set(confidence.tolist())):
+        answered = confidence >= value
+        if correct[answered].mean() >= target:
+            return value, correct[answered].mean(), answered.mean()
+    return None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_precision_threshold_equals_brute_force_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(1, 400)), int(rng.integers(2, 5))
+    probs = np.round(rng.dirichlet(np.ones(c) * 0.7, size=n), 1 + seed % 2)  # coarse rounding: many ties
+    targets = np.where(rng.random(n) < 0.7, probs.argmax(1), rng.integers(0, c, n))
+    for target in (0.5, 0.8, 0.95, 1.0):
+        fast = threshold_for_precision(torch.tensor(probs), torch.tensor(targets), target)
+        expected = brute_force_precision_threshold(probs, targets, target)
+        if expected is None:
+            assert not fast.feasible and fast.value is None
+            top = probs.max(1) == probs.max()
+            assert fast.precision == (probs.argmax(1) == targets)[top].mean() and fast.coverage == top.mean()
+        else:
+            assert fast.feasible and (fast.value, fast.precision, fast.coverage) == expected
+
+
 def test_coverage_threshold_and_risk_curve() -> None:
     probs, targets = synthetic(1000, seed=3)
     chosen = threshold_for_coverage(probs, targets, target=0.8)
@@ -175,12 +201,17 @@ def test_cost_threshold_equals_brute_force() -> None:
     rng = np.random.default_rng(4)
     p = torch.tensor(np.round(rng.random(500), 2))  # ties on purpose
     y = torch.tensor((rng.random(500) < p.numpy()).astype(int))
+    def cost_by_hand(t: float, cost_fp: float, cost_fn: float) -> float:
+        positive = p.numpy() >= t
+        return (cost_fp * np.sum(positive & (y.numpy() == 0)) + cost_fn * np.sum(~positive & (y.numpy() == 1))) / 500
+
     for cost_fp, cost_fn in ((1.0, 1.0), (1.0, 5.0), (10.0, 1.0)):
         fast = cost_threshold(p, y, cost_fp, cost_fn)
-        grid = [float(t) for t in torch.unique(p)] + [float("inf")]
-        brute = min(expected_cost(p, y, t, cost_fp, cost_fn) for t in grid)
-        assert fast["expected_cost"] == pytest.approx(brute)
-        assert expected_cost(p, y, fast["threshold"], cost_fp, cost_fn) == pytest.approx(brute)
+        grid = sorted(set(p.tolist())) + [float("inf")]
+        costs = [cost_by_hand(t, cost_fp, cost_fn) for t in grid]
+        assert fast["expected_cost"] == pytest.approx(min(costs))
+        assert fast["threshold"] == grid[int(np.argmin(costs))]  # the lowest threshold at the minimum
+        assert expected_cost(p, y, 0.5, cost_fp, cost_fn) == pytest.approx(cost_by_hand(0.5, cost_fp, cost_fn))
     # expensive misses push the threshold down, expensive false alarms push it up
     assert cost_threshold(p, y, 1.0, 5.0)["threshold"] < cost_threshold(p, y, 10.0, 1.0)["threshold"]
 
@@ -224,7 +255,11 @@ def test_choose_thresholds_follows_the_objective() -> None:
     probs, targets = synthetic(3000, seed=11)
     assert choose_thresholds(probs, targets, list("abcd"), ObjectiveConfig(), "val") is None
     rule = choose_thresholds(probs, targets, list("abcd"), ObjectiveConfig(target_precision=0.9), "val")
-    assert rule["feasible"] and rule["min_confidence"] == threshold_for_precision(probs, targets, 0.9).value
+    expected = brute_force_precision_threshold(probs.numpy(), targets.numpy(), 0.9)
+    assert rule["feasible"] and rule["basis"] == "target_precision" and rule["min_confidence"] == expected[0]
+    rule = choose_thresholds(probs, targets, list("abcd"), ObjectiveConfig(target_coverage=0.8), "val")
+    confidence = np.sort(probs.numpy().max(1))[::-1]
+    assert rule["basis"] == "target_coverage" and rule["min_confidence"] == confidence[math.ceil(0.8 * 3000) - 1]
     wrong = (probs.argmax(1) + 1) % 4  # every prediction wrong: no threshold reaches any precision
     rule = choose_thresholds(probs, wrong, list("abcd"), ObjectiveConfig(target_precision=0.5), "val")
     assert rule["feasible"] is False and rule["min_confidence"] is None and "no threshold reaches" in rule["note"]
@@ -233,13 +268,25 @@ def test_choose_thresholds_follows_the_objective() -> None:
     assert set(rule["per_class"]) == set("abcd")
 
 
-def test_score_names_match_classification_metrics() -> None:
+def test_score_names_match_sklearn() -> None:
+    from sklearn import metrics as sk
+
     from deepship.evaluation.metrics import score
 
     probs, targets = synthetic(500, seed=2)
+    p, y = probs.numpy(), targets.numpy()
+    preds = p.argmax(1)
+    one_hot = np.eye(4)[y]
+    expected = {"accuracy": sk.accuracy_score(y, preds), "macro_f1": sk.f1_score(y, preds, average="macro"),
+                "weighted_f1": sk.f1_score(y, preds, average="weighted"),
+                "macro_precision": sk.precision_score(y, preds, average="macro", zero_division=0),
+                "macro_recall": sk.recall_score(y, preds, average="macro"),
+                "roc_auc": sk.roc_auc_score(y, p, multi_class="ovr", average="macro"),
+                "pr_auc": np.mean([sk.average_precision_score(one_hot[:, c], p[:, c]) for c in range(4)])}
     full = classification_metrics(probs, targets, list("abcd"))
-    for name in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall", "roc_auc", "pr_auc"):
-        assert score(name, probs, probs.argmax(1), targets) == pytest.approx(full[name], abs=1e-9), name
+    for name, value in expected.items():
+        assert score(name, probs, probs.argmax(1), targets) == pytest.approx(value, abs=1e-6), name
+        assert full[name] == pytest.approx(value, abs=1e-6), name
 
 
 # ------------------------------------------------------------------------- champion vs challenger
@@ -250,12 +297,13 @@ def test_mcnemar_exact_p_value_by_hand_and_large_sample_approximation() -> None:
     b = torch.tensor([False] * 6 + [False] * 4)
     result = mcnemar(a, b)  # 6 discordant pairs, all one way: p = 2 * (1/2)^6
     assert (result["b"], result["c"], result["p_value"]) == (6, 0, pytest.approx(2 / 64))
+    mixed = mcnemar(torch.tensor([True] * 9 + [False] * 3 + [True] * 8), torch.tensor([False] * 9 + [True] * 3 + [True] * 8))
+    assert mixed["p_value"] == pytest.approx(scipy_stats.binomtest(3, 12, 0.5).pvalue)
     assert mcnemar(a, a)["p_value"] == 1.0
     # beyond the exact range the corrected chi-square agrees with the exact binomial to ~1e-3
     big_a = torch.tensor([True] * 700 + [False] * 600)
     big_b = ~big_a
-    exact_tail = sum(math.comb(1300, k) for k in range(601)) * 2 / 2 ** 1300
-    assert mcnemar(big_a, big_b)["p_value"] == pytest.approx(exact_tail, rel=0.05)
+    assert mcnemar(big_a, big_b)["p_value"] == pytest.approx(scipy_stats.binomtest(600, 1300, 0.5).pvalue, rel=0.05)
 
 
 def test_paired_bootstrap_sees_a_real_difference_and_not_a_fake_one() -> None:
@@ -299,3 +347,42 @@ def test_objective_config_rejects_contradictions() -> None:
                 {"per_class_thresholds": True}, {"metric": "auc"}, {"min": 1.5}):
         with pytest.raises(ValidationError):
             ObjectiveConfig.model_validate(bad)
+
+
+@pytest.mark.parametrize("target", [{"target_precision": 0.9}, {"target_coverage": 0.8}])
+def test_a_cost_rule_with_a_confidence_target_exits_2_naming_both_keys(target: dict, tmp_path, capsys) -> None:
+    """The cost rule moves binary decisions off the top class, so a confidence threshold fitted on
+    the top class would promise a precision or coverage the package does not deliver."""
+    from deepship import cli
+
+    from conftest import write_config, write_text_csv
+
+    raw = {"task": "text_classification", "data": {"train": str(write_text_csv(tmp_path / "t.csv", n_per_class=5))},
+           "train": {"out_dir": str(tmp_path / "runs"), "run_name": "r"},
+           "objective": {"cost_fp": 1.0, "cost_fn": 5.0, **target}}
+    assert cli.main(["train", "--config", str(write_config(tmp_path / "c.yaml", raw))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "objective: cost_fp/cost_fn and " + next(iter(target)) in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("metric", ["roc_auc", "pr_auc"])
+def test_compare_on_a_metric_undefined_in_every_resample_reports_undefined(metric: str, tmp_path) -> None:
+    """A one-class slice: ROC-AUC and PR-AUC exist on no resample, so there is no interval to take."""
+    from deepship.config import ObjectiveConfig
+    from deepship.evaluation.evaluate import write_report
+    from deepship.evaluation.report import Decisions, build_report, comparison_section
+
+    g = torch.Generator().manual_seed(0)
+    logits_a, logits_b = torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g)
+    targets = torch.ones(50, dtype=torch.long)
+    champion, challenger = Decisions(logits_a, 1.0, None, ["n", "p"]), Decisions(logits_b, 1.0, None, ["n", "p"])
+    section = comparison_section(champion, challenger, targets, metric, {"package": "b"}, n_resamples=50)
+    assert section["paired_bootstrap"] == {"ci": None, "p_value": None, "n_resamples": 0}
+    assert section["difference"] is None and section["conclusion"].startswith("undefined:")
+    accuracy_by_hand = float((logits_b.argmax(1) == 1).double().mean())
+    assert section["challenger_metrics"]["accuracy"] == pytest.approx(accuracy_by_hand)
+    report = build_report(logits_a, targets, ["n", "p"], ObjectiveConfig(metric=metric), calibration={},
+                          thresholds=None, model={}, data={}, comparison=section, n_resamples=50)
+    write_report(report, tmp_path)  # the schema accepts it and the page renders it
+    assert "undefined" in (tmp_path / "report.html").read_text()

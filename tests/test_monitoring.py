@@ -16,8 +16,19 @@ from scipy import stats as scipy_stats
 
 from deepship import cli
 from deepship.config import MonitorConfig
-from deepship.monitoring.drift import chi_square_test, holm, ks_test, mmd_test, psi
-from deepship.monitoring.monitor import Current, evaluate_window
+from deepship.monitoring.drift import (
+    chi_square_test,
+    half_split_limit,
+    holm,
+    ks_test,
+    mmd_drift,
+    permutation_p_value,
+    psi,
+    random_splits,
+    rbf_kernel,
+    unbiased_mmd2,
+)
+from deepship.monitoring.monitor import Current, embedding_resolution, embedding_signal, evaluate_window, judge
 from deepship.monitoring.reference import build_profile
 
 from conftest import export, read_json, write_image_folder, write_text_csv
@@ -76,9 +87,84 @@ def test_tiny_windows_are_reported_but_never_judged(profile: dict) -> None:
 def test_embedding_mmd_false_alarms_and_power() -> None:
     rng = torch.Generator().manual_seed(0)
     reference = torch.randn(300, 16, generator=rng)
-    null = [mmd_test(reference, torch.randn(300, 16, generator=rng), seed=i)[1] < 0.01 for i in range(40)]
-    shifted = [mmd_test(reference, torch.randn(300, 16, generator=rng) + 0.3, seed=i)[1] < 0.01 for i in range(20)]
+    null = [mmd_drift(reference, torch.randn(300, 16, generator=rng), seed=i)["p_value"] < 0.01 for i in range(40)]
+    shifted = [mmd_drift(reference, torch.randn(300, 16, generator=rng) + 0.3, seed=i)["p_value"] < 0.01
+               for i in range(10)]
     assert np.mean(null) <= 0.1 and np.mean(shifted) >= 0.9
+
+
+def embedding_window(rng: np.random.Generator, n: int, shift: float) -> Current:
+    """A window from the reference distribution in every signal but the embeddings, moved by `shift`."""
+    part = draw(rng, n)
+    targets = np.where(rng.random(n) < 0.8, part.preds, rng.integers(0, len(LABELS), n))
+    embeddings = torch.randn(n, 16, generator=torch.Generator().manual_seed(int(rng.integers(1 << 30)))) + shift
+    return Current(part.source, part.kind, part.ids, part.preds, part.confidence, part.stats, targets=targets,
+                   embeddings=embeddings.numpy())
+
+
+def test_a_shifted_embedding_window_alerts_at_alpha_0_001_among_6_signals() -> None:
+    """Holm over 6 signals needs p < 0.001 / 6 from the embedding test: 1,000 permutations (p >= 1/1001)
+    could never get there; the test draws as many as the level needs when the data really differ."""
+    rng = np.random.default_rng(5)
+    ref = embedding_window(rng, 2000, 0.0)
+    profile = build_profile(LABELS, ref.preds, ref.confidence, ref.targets, ref.stats, "synthetic reference")
+    reference_embeddings = ref.embeddings[:500]
+    window = evaluate_window(profile, embedding_window(rng, 1000, 0.3), LABELS, MonitorConfig(alpha=0.001),
+                             reference_embeddings)
+    signals = window["signals"]
+    assert len(signals) == 6 and "true_class" in signals
+    embedding = signals["embeddings"]
+    assert embedding["p_adjusted"] == pytest.approx(6 * embedding["p_value"]) and embedding["p_adjusted"] < 0.001
+    assert embedding["alert"] and [name for name, s in signals.items() if s["alert"]] == ["embeddings"]
+
+
+def test_the_embedding_effect_limit_ignores_a_significant_but_tiny_shift_in_a_huge_window() -> None:
+    reference = torch.randn(500, 16, generator=torch.Generator().manual_seed(0)).numpy()
+    huge = (torch.randn(10000, 16, generator=torch.Generator().manual_seed(101)) + 0.06).numpy()
+    signal = embedding_signal(reference, huge, resolution=embedding_resolution(0.01, 1))
+    signals = {"embeddings": signal}
+    judge(signals, MonitorConfig())
+    assert signal["p_adjusted"] < 0.01  # the shift is real ...
+    assert 0 < signal["effect"] < signal["limit"] and not signal["alert"]  # ... and smaller than val vs itself
+    judge(signals, MonitorConfig(limits={"embeddings": 0.0}))
+    assert signal["alert"]  # without the limit, significance alone would page someone
+
+
+def test_unbiased_mmd2_and_its_limit_match_a_numpy_computation() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 5)), rng.normal(0.5, size=(40, 5))
+    joint = np.concatenate([x, y]) / np.linalg.norm(np.concatenate([x, y]), axis=1, keepdims=True)
+    squared = ((joint[:, None] - joint[None]) ** 2).sum(-1)
+    pairs = np.sort(squared[np.triu_indices(100, 1)])
+    k = np.exp(-squared / pairs[(len(pairs) - 1) // 2])  # bandwidth: the (lower) median over pairs
+    kxx, kyy, kxy = k[:60, :60], k[60:, 60:], k[:60, 60:]
+    by_hand = ((kxx.sum() - np.trace(kxx)) / (60 * 59) + (kyy.sum() - np.trace(kyy)) / (40 * 39) - 2 * kxy.mean())
+    kernel = rbf_kernel(torch.from_numpy(x), torch.from_numpy(y))
+    first = torch.zeros(100, 1, dtype=torch.bool)
+    first[:60] = True
+    assert float(unbiased_mmd2(kernel, first)[0]) == pytest.approx(by_hand, rel=1e-5)
+    # the limit: a quantile over random halves of the reference rows, each scored the same way
+    halves = [((kxx[np.ix_(a, a)].sum() - 30) / (30 * 29) + (kxx[np.ix_(b, b)].sum() - 30) / (30 * 29)
+               - 2 * kxx[np.ix_(a, b)].mean())
+              for a, b in (np.split(rng.permutation(60), 2) for _ in range(2000))]
+    assert half_split_limit(kernel[:60, :60], quantile=0.5, splits=2000) == pytest.approx(np.median(halves), abs=2e-3)
+
+
+def test_the_sequential_permutation_p_value_stops_early_only_when_far_from_significance() -> None:
+    """Besag-Clifford: stop at 20 permutations reaching the observed value, p = 20 / drawn; otherwise
+    p = (hits + 1) / (drawn + 1) after ceil(1/resolution) - 1."""
+    kernel = rbf_kernel(torch.randn(50, 4, generator=torch.Generator().manual_seed(1)),
+                        torch.randn(50, 4, generator=torch.Generator().manual_seed(2)))
+    first = torch.zeros(100, 1, dtype=torch.bool)
+    first[:50] = True
+    observed = float(unbiased_mmd2(kernel, first)[0])
+    assert permutation_p_value(kernel, 50, -1.0, 1e-4) == 20 / 20  # every permutation reaches it
+    assert permutation_p_value(kernel, 50, 10.0, 1e-4) == 1 / 10000  # none does: the floor is the resolution
+    p = permutation_p_value(kernel, 50, observed, 1e-3)
+    splits = random_splits(100, 50, 999, torch.Generator().manual_seed(0))  # the same draws, counted in full
+    hits = (unbiased_mmd2(kernel, splits) >= observed).numpy()
+    drawn = int(np.argmax(np.cumsum(hits) >= 20)) + 1 if hits.sum() >= 20 else None
+    assert p == (20 / drawn if drawn else (hits.sum() + 1) / 1000)
 
 
 # ------------------------------------------------------------------ statistics, by hand
@@ -221,3 +307,22 @@ def test_rt_polarity_package_is_quiet_on_held_out_reviews_and_alerts_on_other_te
     assert monitor(package, topics, tmp_path / "other", "--set", "monitor.window=160") == 3
     alerting = read_json(tmp_path / "other" / "monitor.json")["summary"]["signals_alerting"]
     assert {"tokens", "embeddings"} & set(alerting), alerting
+
+
+@pytest.mark.slow
+def test_embedding_drift_on_real_minilm_embeddings() -> None:
+    """rt-polarity reviews through the pretrained MiniLM: quiet on other reviews at every window size,
+    alerting on generated topic sentences. The full measurement (200 windows per size) is
+    `python tests/embedding_drift.py`; this runs a smaller one."""
+    if not RT_POLARITY.is_dir():
+        pytest.skip(reason=f"{RT_POLARITY} not found (the rt-polarity reference data is absent on this machine)")
+    from embedding_drift import load, measure
+
+    null_windows = 40
+    results = dict(measure(*load(), null_windows=null_windows, shift_windows=20))
+    slack = 2 * np.sqrt(0.05 * 0.95 / null_windows)
+    for name, rates in results.items():
+        if name.startswith("false alarms"):
+            assert all(rate <= 0.05 + slack for rate in rates.values()), (name, rates)  # p < 0.01 included
+    power = results["power, window 1000, topic sentences"]
+    assert power["alert at alpha 0.01"] >= 0.9 and power["alert at alpha 0.001"] >= 0.9, results

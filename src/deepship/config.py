@@ -228,6 +228,13 @@ class ObjectiveConfig(_Section):
             raise ValueError("target_precision and target_coverage are alternatives; set one of them")
         if (self.cost_fp is None) != (self.cost_fn is None):
             raise ValueError("cost_fp and cost_fn go together; set both or neither")
+        target = "target_precision" if self.target_precision is not None else \
+            "target_coverage" if self.target_coverage is not None else None
+        if self.cost_fp is not None and target is not None:
+            # the cost rule picks the class, a confidence threshold fitted on the top class would not
+            # hold for that pick: the package would promise a precision/coverage it does not deliver
+            raise ValueError(f"cost_fp/cost_fn and {target} are alternatives (a cost threshold moves the "
+                             f"decisions a {target} threshold is fitted on); set one of them")
         if self.per_class_thresholds and self.target_precision is None:
             raise ValueError("per_class_thresholds needs objective.target_precision")
         return self

@@ -8,8 +8,6 @@ import numpy as np
 
 from deepship.errors import ConfigError
 
-BASELINES = ("tfidf",)
-
 
 def tfidf_predict(train_texts: Sequence[str], train_labels: Sequence[str], texts: Sequence[str]) -> list[str]:
     """Fit on the training texts, predict label strings for `texts`."""

@@ -177,11 +177,11 @@ def extras_html(report: dict[str, Any]) -> str:
                                            ["baseline", fmt(b["accuracy"]), fmt(b["macro_f1"])]]))
     if report["comparison"]:
         c = report["comparison"]
-        lo, hi = c["paired_bootstrap"]["ci"]
+        ci = c["paired_bootstrap"]["ci"]
         rows = [["champion (this package)", fmt(c["champion_value"])],
                 [f"challenger {c['challenger'].get('model_version')}", fmt(c["challenger_value"])],
                 ["difference (challenger - champion)", fmt(c["difference"])],
-                ["95% CI of the difference", f"[{lo:.4f}, {hi:.4f}]"],
+                ["95% CI of the difference", "undefined" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"],
                 ["paired bootstrap p", fmt(c["paired_bootstrap"]["p_value"])],
                 ["McNemar p (b, c)", f"{fmt(c['mcnemar']['p_value'])} ({c['mcnemar']['b']}, {c['mcnemar']['c']})"]]
         parts.append(f"<h2>Comparison on {esc(c['metric'])}: {esc(c['conclusion'])}</h2>" + table(["", ""], rows))

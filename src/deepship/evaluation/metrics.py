@@ -88,23 +88,6 @@ def percentile_interval(values: torch.Tensor, alpha: float = 0.05) -> tuple[floa
     return torch.quantile(values, alpha / 2).item(), torch.quantile(values, 1 - alpha / 2).item()
 
 
-def bootstrap_ci(probs: torch.Tensor, targets: torch.Tensor, metric: Callable[[torch.Tensor, torch.Tensor], float],
-                 n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of `metric(probs, targets)` over resampled inputs (seeded)."""
-    values = bootstrap_values(targets.shape[0], lambda idx: metric(probs[idx], targets[idx]), n_resamples, seed,
-                              targets.device)
-    return percentile_interval(values, alpha)
-
-
-def accuracy(probs: torch.Tensor, targets: torch.Tensor) -> float:
-    return float((probs.argmax(1) == targets).float().mean())
-
-
-def macro_f1(probs: torch.Tensor, targets: torch.Tensor) -> float:
-    return float(tmf.multiclass_f1_score(probs.argmax(1), targets, num_classes=probs.shape[1], average="macro",
-                                         zero_division=0))
-
-
 _AVERAGED = {"f1": tmf.multiclass_f1_score, "precision": tmf.multiclass_precision, "recall": tmf.multiclass_recall}
 
 

@@ -142,10 +142,10 @@ def comparison_section(champion: Decisions, challenger: Decisions, targets: torc
                             lambda idx: challenger.metric(metric, targets, idx), n_resamples, device=targets.device)
     test = mcnemar(champion.preds == targets, challenger.preds == targets)
     diff = None if a is None or b is None else b - a
-    significant = boot["p_value"] < 0.05
-    if diff is None:
-        conclusion = f"{metric} is undefined on this data"
-    elif not significant:
+    if diff is None or boot["p_value"] is None:
+        conclusion = f"undefined: {metric} cannot be computed on this data or its resamples (e.g. only one " \
+                     "class present); compare on a metric defined here, e.g. --set objective.metric=accuracy"
+    elif boot["p_value"] >= 0.05:
         conclusion = f"no significant difference in {metric} (paired bootstrap p={boot['p_value']:.3f})"
     else:
         conclusion = f"challenger is {'better' if diff > 0 else 'worse'} on {metric} by {diff:+.4f} " \

@@ -37,12 +37,15 @@ def paired_bootstrap(n: int, metric_a: Callable[[torch.Tensor], float | None],
                      metric_b: Callable[[torch.Tensor], float | None], n_resamples: int = 1000, alpha: float = 0.05,
                      seed: int = 0, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Distribution of metric_b - metric_a over the same resampled inputs: its percentile interval and
-    a two-sided p-value (twice the share of resamples on the far side of zero)."""
+    a two-sided p-value (twice the share of resamples on the far side of zero). Both are None when
+    the metric is undefined on every resample (e.g. ROC-AUC when the data holds one class)."""
     def diff(idx: torch.Tensor) -> float | None:
         a, b = metric_a(idx), metric_b(idx)
         return None if a is None or b is None else b - a
 
     values = bootstrap_values(n, diff, n_resamples, seed, device)
+    if not values.numel():
+        return {"ci": None, "p_value": None, "n_resamples": 0}
     lo, hi = percentile_interval(values, alpha)
     below, above = float((values <= 0).double().mean()), float((values >= 0).double().mean())
     return {"ci": [lo, hi], "p_value": min(1.0, 2.0 * min(below, above)), "n_resamples": int(values.numel())}

@@ -42,22 +42,25 @@ def _at(confidence: torch.Tensor, correct: torch.Tensor, value: float) -> tuple[
     return precision, coverage
 
 
-def threshold_for_precision(probs: torch.Tensor, targets: torch.Tensor, target: float,
-                            min_answered: int = 1) -> Threshold:
-    """The lowest threshold (most coverage) whose answered predictions reach `target` precision."""
+def threshold_for_precision(probs: torch.Tensor, targets: torch.Tensor, target: float) -> Threshold:
+    """The lowest threshold (most coverage) whose answered predictions reach `target` precision.
+
+    Candidates are the observed confidences; a threshold answers every input at or above it (ties
+    included), so each distinct confidence is priced at the end of its run in the descending sort:
+    one sort and one cumulative sum, O(N log N)."""
     confidence, preds = probs.max(1)
-    correct = preds == targets
-    curve = risk_coverage(probs, targets)
-    best = None
-    for k in range(len(curve["risk"]) - 1, min_answered - 2, -1):  # from full coverage down
-        value = curve["threshold"][k]
-        precision, coverage = _at(confidence, correct, value)  # ties: everything >= value is answered
-        if precision is not None and precision >= target and int((confidence >= value).sum()) >= min_answered:
-            best = Threshold(value, True, precision, coverage)
-            break
-    if best is not None:
-        return best
-    top_precision, top_coverage = _at(confidence, correct, float(confidence.max()))
+    order = torch.argsort(confidence, descending=True)
+    ranked = confidence[order]
+    hits = (preds == targets)[order].double().cumsum(0)
+    ends = torch.ones_like(ranked, dtype=torch.bool)
+    ends[:-1] = ranked[:-1] != ranked[1:]  # last position of each run of equal confidences
+    answered = torch.arange(1, len(ranked) + 1, dtype=torch.float64, device=ranked.device)[ends]
+    precision = hits[ends] / answered
+    reached = torch.nonzero(precision >= target).flatten()
+    if reached.numel():
+        k = int(reached[-1])  # the lowest confidence that still reaches the target
+        return Threshold(float(ranked[ends][k]), True, float(precision[k]), float(answered[k] / len(ranked)))
+    top_precision, top_coverage = float(precision[0]), float(answered[0] / len(ranked))
     return Threshold(None, False, top_precision, top_coverage,
                      f"no threshold reaches precision {target:g}; the most confident predictions reach "
                      f"{top_precision:.3f}")

@@ -21,7 +21,7 @@ import torch
 from deepship.config import MonitorConfig, parse_yaml, validate_section
 from deepship.errors import ConfigError, DataError
 from deepship.evaluation.metrics import bootstrap_values, percentile_interval, score
-from deepship.monitoring.drift import binned, chi_square_test, holm, ks_test, mmd_test, psi, sample_rows
+from deepship.monitoring.drift import binned, chi_square_test, holm, ks_test, mmd_drift, psi, sample_rows
 from deepship.monitoring.reference import EMBEDDING_SAMPLE, read_embeddings
 from deepship.runtime.batch import read_inputs
 from deepship.runtime.inputs import labeled_rows
@@ -166,25 +166,35 @@ def numeric_signal(reference: dict[str, Any], current: np.ndarray) -> dict[str, 
             "mean": float(current.mean()) if current.size else None, "reference_mean": reference["mean"]}
 
 
-def embedding_signal(reference: np.ndarray, current: np.ndarray) -> dict[str, Any]:
-    statistic, p_value = mmd_test(torch.from_numpy(reference), torch.from_numpy(sample_rows(current, EMBEDDING_SAMPLE)))
-    return {"test": "mmd_permutation", "statistic": statistic, "p_value": p_value, "effect": statistic,
-            "effect_name": "mmd2"}
+def embedding_signal(reference: np.ndarray, current: np.ndarray, resolution: float) -> dict[str, Any]:
+    """MMD^2 of (a sample of) the window's embeddings against the reference's, with the effect limit
+    calibrated on halves of the reference (judge uses it unless monitor.limits names one)."""
+    drift = mmd_drift(torch.from_numpy(reference), torch.from_numpy(sample_rows(current, EMBEDDING_SAMPLE)),
+                      resolution)
+    return {"test": "mmd_permutation", "statistic": drift["statistic"], "p_value": drift["p_value"],
+            "effect": drift["statistic"], "effect_name": "mmd2", "calibrated_limit": drift["limit"]}
+
+
+def embedding_resolution(alpha: float, signals: int) -> float:
+    """The smallest p-value the permutation test must be able to report: half of Holm's strictest
+    level, alpha / signals, so a clear shift alerts even when every other signal is quiet."""
+    return alpha / (2 * signals)
 
 
 def drift_signals(profile: dict[str, Any], part: Current, labels: Sequence[str],
-                  ref_embeddings: np.ndarray | None) -> dict[str, dict[str, Any]]:
+                  ref_embeddings: np.ndarray | None, alpha: float) -> dict[str, dict[str, Any]]:
     signals = profile["signals"]
     out = {"predicted_class": categorical_signal(signals["predicted_class"], part.preds, labels),
            "confidence": numeric_signal(signals["confidence"], part.confidence)}
     for name, values in part.stats.items():
         if name in signals and np.isfinite(values).any():
             out[name] = numeric_signal(signals[name], values)
-    if ref_embeddings is not None and part.embeddings is not None:
-        out["embeddings"] = embedding_signal(ref_embeddings, part.embeddings)
     known = part.targets[part.targets >= 0] if part.targets is not None else np.array([], dtype=np.int64)
     if "true_class" in profile and known.size >= MIN_LABELED:
         out["true_class"] = categorical_signal(profile["true_class"], known, labels)
+    if ref_embeddings is not None and part.embeddings is not None:
+        resolution = embedding_resolution(alpha, len(out) + 1)
+        out["embeddings"] = embedding_signal(ref_embeddings, part.embeddings, resolution)
     return out
 
 
@@ -192,7 +202,7 @@ def judge(signals: dict[str, dict[str, Any]], cfg: MonitorConfig) -> None:
     """Holm across the window's signals; alert = adjusted p < alpha and effect >= the signal's limit."""
     adjusted = holm({name: s["p_value"] for name, s in signals.items()})
     for name, s in signals.items():
-        limit = cfg.limits.get(name, 0.0 if s["effect_name"] == "mmd2" else cfg.psi_limit)
+        limit = cfg.limits.get(name, s.get("calibrated_limit", cfg.psi_limit))
         s.update(p_adjusted=adjusted[name], limit=limit, alert=adjusted[name] < cfg.alpha and s["effect"] >= limit)
 
 
@@ -231,7 +241,7 @@ def evaluate_window(profile: dict[str, Any], part: Current, labels: Sequence[str
     """One window's signals, performance and state: ok, alert, or insufficient (too small to judge)."""
     if len(part) < cfg.min_window:
         return {"n": len(part), "state": "insufficient", "signals": {}, "performance": None, "top_drifting_classes": []}
-    signals = drift_signals(profile, part, labels, ref_embeddings if cfg.embeddings else None)
+    signals = drift_signals(profile, part, labels, ref_embeddings if cfg.embeddings else None, cfg.alpha)
     judge(signals, cfg)
     perf = performance(part, profile, labels, cfg)
     alert = any(s["alert"] for s in signals.values()) or bool(perf and perf["alert"])
