@@ -26,13 +26,16 @@ def plot_signal(report: dict[str, Any], name: str) -> str:
     windows = [w for w in report["windows"] if name in w["signals"]]
     x = [w["index"] for w in windows]
     effects = [w["signals"][name]["effect"] for w in windows]
-    limit = windows[0]["signals"][name]["limit"]
+    limits = [w["signals"][name]["limit"] for w in windows]
     fig, ax = plt.subplots(figsize=(7, 2.6))
     ax.plot(x, effects, marker="o", color="tab:blue", label=windows[0]["signals"][name]["effect_name"])
     alerts = [(i, e) for i, e, w in zip(x, effects, windows) if w["signals"][name]["alert"]]
     if alerts:
         ax.scatter(*zip(*alerts), color="red", zorder=3, label="alert")
-    ax.axhline(limit, color="red", linestyle="--", label=f"limit {limit:g}")
+    if len(set(limits)) == 1:
+        ax.axhline(limits[0], color="red", linestyle="--", label=f"limit {limits[0]:g}")
+    else:  # calibrated per window (embeddings: from reference halves of the window's size)
+        ax.step(x, limits, where="mid", color="red", linestyle="--", label="limit (per window)")
     integer_windows(ax)
     ax.set_title(f"{name}: drift per window")
     ax.legend(fontsize=7)
