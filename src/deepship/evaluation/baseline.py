@@ -1,8 +1,12 @@
-"""The cheap model a deep one must beat: TF-IDF (word 1-2 grams) + a linear SVM, on the same training data."""
+"""The cheap models a deep one must beat, trained on the same training data, by name.
+
+Each baseline names the modality it reads: evaluate refuses one that does not fit the package.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -24,3 +28,24 @@ def tfidf_predict(train_texts: Sequence[str], train_labels: Sequence[str], texts
 def tfidf_accuracy(train_texts: Sequence[str], train_labels: Sequence[str], texts: Sequence[str],
                    labels: Sequence[str]) -> float:
     return float(np.mean(np.asarray(tfidf_predict(train_texts, train_labels, texts)) == np.asarray(labels)))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str  # as reported: what was fitted
+    modality: str  # the inputs it reads: "text" | "image"
+    predict: Callable[[Sequence[str], Sequence[str], Sequence[str]], list[str]]  # (train inputs, labels, inputs)
+
+
+BASELINES = {"tfidf": Baseline("tfidf_linear_svm", "text", tfidf_predict)}
+
+
+def get_baseline(name: str, modality: str) -> Baseline:
+    """The registered baseline, checked against the package's modality (a one-line ConfigError otherwise)."""
+    if name not in BASELINES:
+        raise ConfigError(f"--baseline {name}: unknown; choose one of {sorted(BASELINES)}")
+    baseline = BASELINES[name]
+    if baseline.modality != modality:
+        raise ConfigError(f"--baseline {name}: is a {baseline.modality} baseline; this package classifies "
+                          f"{modality} inputs")
+    return baseline

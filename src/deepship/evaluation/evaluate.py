@@ -18,6 +18,7 @@ import torch
 
 from deepship.config import Config, ObjectiveConfig, SourceConfig, validate_section
 from deepship.errors import ConfigError, DataError
+from deepship.evaluation.baseline import Baseline, get_baseline
 from deepship.evaluation.html import render_html
 from deepship.evaluation.latency import measure_latency
 from deepship.evaluation.report import Decisions, build_report, comparison_section, fit_decision_rule
@@ -80,14 +81,11 @@ def read_history(run_dir: Path | None) -> list[dict[str, Any]] | None:
 
 # ----------------------------------------------------------------------------------- sections
 def baseline_section(cfg: Config, options: EvaluateOptions, inputs: Sequence[str], targets: np.ndarray,
-                     labels: Sequence[str]) -> dict[str, Any]:
-    """TF-IDF + linear SVM trained on the package's own training split (or --baseline-train)."""
+                     labels: Sequence[str], baseline: Baseline) -> dict[str, Any]:
+    """The baseline trained on the package's own training split (or --baseline-train), scored on `inputs`."""
     from deepship.data.split import load_splits
-    from deepship.evaluation.baseline import tfidf_predict
     from deepship.evaluation.metrics import score
 
-    if cfg.task != "text_classification":
-        raise ConfigError("--baseline tfidf: is a text baseline; this package classifies images")
     if options.baseline_train:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
             "train": [SourceConfig.model_validate({"path": options.baseline_train}, context={"skip_path_checks": True})],
@@ -95,12 +93,13 @@ def baseline_section(cfg: Config, options: EvaluateOptions, inputs: Sequence[str
     try:
         train = load_splits(cfg).train
     except DataError as exc:
-        raise DataError(f"--baseline tfidf: cannot read the training data ({exc}); pass --baseline-train FILE") from None
+        raise DataError(f"--baseline {options.baseline}: cannot read the training data ({exc}); "
+                        "pass --baseline-train FILE") from None
     index = {label: i for i, label in enumerate(labels)}
-    preds = torch.tensor([index.get(y, -1) for y in tfidf_predict(train.inputs, train.labels, inputs)])
+    preds = torch.tensor([index.get(y, -1) for y in baseline.predict(train.inputs, train.labels, inputs)])
     t = torch.from_numpy(targets)
     one_hot = torch.nn.functional.one_hot(preds.clamp(min=0), len(labels)).double()
-    return {"name": "tfidf_linear_svm", "train_samples": len(train), "accuracy": score("accuracy", one_hot, preds, t),
+    return {"name": baseline.name, "train_samples": len(train), "accuracy": score("accuracy", one_hot, preds, t),
             "macro_f1": score("macro_f1", one_hot, preds, t)}
 
 
@@ -124,8 +123,7 @@ def evaluate_package(package: str | Path, data: str, out: str | Path, options: E
     predictor = Predictor.load(package)
     cfg = package_config(predictor)
     objective = resolve_objective(cfg.objective, options.overrides)
-    if options.baseline and options.baseline != "tfidf":
-        raise ConfigError(f"--baseline {options.baseline}: unknown; choose tfidf")
+    baseline = get_baseline(options.baseline, predictor.modality.name) if options.baseline else None
     inputs, targets_np = read_labeled(data, cfg, predictor.labels, predictor.modality)
     logits = torch.from_numpy(predictor.batched_logits(inputs, options.batch_size, show_progress=True))
     targets = torch.from_numpy(targets_np)
@@ -143,7 +141,7 @@ def evaluate_package(package: str | Path, data: str, out: str | Path, options: E
                "package": str(package)},
         data={"source": str(data), "split": "given"},
         latency=measure_latency(predictor, inputs, runs=options.latency_runs) if options.latency_runs else None,
-        baseline=baseline_section(cfg, options, inputs, targets_np, predictor.labels) if options.baseline else None,
+        baseline=baseline_section(cfg, options, inputs, targets_np, predictor.labels, baseline) if baseline else None,
         comparison=challenger_section(predictor, logits, targets, inputs, objective.metric, options)
         if options.compare else None,
         history=read_history(run_dir), notes=notes, n_resamples=options.n_resamples)
