@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 10's GPU measurements in one device call (about 9 minutes on an H100/H200). Prepare first, here:
-#   bash scripts/gpu_prepare.sh
+# The GPU rows of docs/benchmarks.md in one device call (about 9 minutes on an H100/H200). Prepare first, here:
+#   RT_POLARITY_DIR=/path/to/rt-polarity bash scripts/gpu_prepare.sh
 # then on the GPU machine, carrying .gpu:   bash scripts/gpu_bench.sh
 # Results: $OUT/gpu_bench.jsonl (one JSON line per measurement) and $OUT/log.txt (everything printed).
 # Each step has its own time limit, so one slow step cannot eat the others' time.

@@ -4,7 +4,9 @@
 #   .gpu/whl/           pydantic and its needs (the image has torch, lightning, transformers, onnxruntime, ...)
 #   .gpu/minilm/        MiniLM-L6's config and tokenizer files (no weights: 88 MB would not travel; the
 #                       benchmark builds the same architecture with random weights there: same speed)
-#   .gpu/rt-polarity/   the shared sentences (../shared does not travel)
+#   .gpu/rt-polarity/   the rt-polarity sentences, copied from RT_POLARITY_DIR (data outside the checkout
+#                       does not travel to the GPU machine)
+# Usage: RT_POLARITY_DIR=/path/to/rt-polarity bash scripts/gpu_prepare.sh
 # Then: device run with carry [".gpu"] and command "bash scripts/gpu_bench.sh".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +29,5 @@ for f in src.iterdir():
     if f.is_file() and not f.name.endswith((".bin", ".safetensors", ".onnx", ".pt", ".h5", ".msgpack")):
         shutil.copy(f, Path(".gpu/minilm") / f.name)
 EOF
-cp -r ../shared/data/rt-polarity .gpu/rt-polarity
+cp -r "${RT_POLARITY_DIR:?set RT_POLARITY_DIR to the folder holding rt-polarity.pos and rt-polarity.neg}" .gpu/rt-polarity
 du -sh .gpu

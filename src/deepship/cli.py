@@ -1,7 +1,8 @@
 """`deepship <command>`: argument parsing and the mapping of errors to exit codes.
 
-Exit codes (DESIGN.md section 3): 0 ok; 2 bad usage, config or input; 4 `evaluate` found an objective
-gate failed; 3 `monitor` raised an alert; 1 anything else (a failed export gate included).
+Exit codes are a contract that scripts and pipelines rely on (docs/architecture.md): 0 ok; 2 bad usage,
+config or input; 4 `evaluate` found an objective gate failed; 3 `monitor` raised an alert; 143 `train`
+stopped by SIGTERM after saving; 1 anything else (a failed export gate included).
 """
 
 from __future__ import annotations
