@@ -238,10 +238,21 @@ def bench_pipeline(modality: str, data: str | None, out_dir: str | None, backbon
     """Text: padding schemes on the rt-polarity folder `data`. Images: loaders on the JPEG tree `data`, or on
     photo-sized JPEGs generated under `out_dir` when there is none."""
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if modality == "text":
-        rows = rt_polarity_rows(require_rt_polarity(data, "pipeline --modality text"))
-        rows = rows[: max(batch_size * (steps + 5) * 4, 1000)]
-        return bench_text_padding([t for t, _ in rows], [y for _, y in rows], backbone, batch_size=batch_size,
-                                  steps=steps, device=device)
+    return PIPELINE_BENCHES[modality](data, out_dir, backbone, batch_size, steps, device, image_size)
+
+
+def text_pipeline(data: str | None, out_dir: str | None, backbone: str, batch_size: int, steps: int, device: str,
+                  image_size: int) -> list[dict[str, Any]]:
+    rows = rt_polarity_rows(require_rt_polarity(data, "pipeline --modality text"))
+    rows = rows[: max(batch_size * (steps + 5) * 4, 1000)]
+    return bench_text_padding([t for t, _ in rows], [y for _, y in rows], backbone, batch_size=batch_size,
+                              steps=steps, device=device)
+
+
+def image_pipeline(data: str | None, out_dir: str | None, backbone: str, batch_size: int, steps: int, device: str,
+                   image_size: int) -> list[dict[str, Any]]:
     folder = data or str(write_bench_jpegs(Path(out_dir or "checkpoints/bench-pipeline") / "jpegs"))
     return bench_image_pipeline(folder, batch_size=batch_size, steps=steps, device=device, image_size=image_size)
+
+
+PIPELINE_BENCHES = {"text": text_pipeline, "image": image_pipeline}

@@ -27,16 +27,30 @@ WARMUP = 5  # steps excluded from timing: cudnn autotune, allocator growth, comp
 
 def synthetic_config(modality: str, batch_size: int, image_size: int, seq_len: int, compile: bool, device: str,
                      out_dir: str, text_backbone: str = "all-MiniLM-L6-v2") -> Config:
-    backbone = {"backbone": "mobilenet_v2", "pretrained": False, "image_size": image_size} if modality == "image" \
-        else {"backbone": text_backbone}
+    backbones = {"image": {"backbone": "mobilenet_v2", "pretrained": False, "image_size": image_size},
+                 "text": {"backbone": text_backbone}}
     return Config.model_validate({
         "task": f"{modality}_classification",
         "data": {"train": "unused", "max_length": seq_len, "num_workers": 0},
-        "model": backbone,
+        "model": backbones[modality],
         "finetune": {"warmup_ratio": 0.0},
         "train": {"batch_size": batch_size, "compile": compile, "accelerator": device, "grad_clip": None,
                   "out_dir": out_dir, "run_name": "bench-train", "loggers": []},
     }, context={"skip_path_checks": True})
+
+
+def synthetic_pixels(g: torch.Generator, batch_size: int, image_size: int, seq_len: int, vocab: int
+                     ) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g)}
+
+
+def synthetic_tokens(g: torch.Generator, batch_size: int, image_size: int, seq_len: int, vocab: int
+                     ) -> dict[str, torch.Tensor]:
+    ids = torch.randint(1000, vocab, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+SYNTHETIC_INPUTS = {"image": synthetic_pixels, "text": synthetic_tokens}
 
 
 def synthetic_batch(modality: str, batch_size: int, image_size: int, seq_len: int, num_classes: int,
@@ -44,10 +58,7 @@ def synthetic_batch(modality: str, batch_size: int, image_size: int, seq_len: in
     """In-memory tensors (no input pipeline): the ceiling both loops are held to."""
     g = torch.Generator().manual_seed(0)
     targets = torch.randint(0, num_classes, (batch_size,), generator=g)
-    if modality == "image":
-        return {"pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g)}, targets
-    ids = torch.randint(1000, vocab, (batch_size, seq_len), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}, targets
+    return SYNTHETIC_INPUTS[modality](g, batch_size, image_size, seq_len, vocab), targets
 
 
 def plain_loop(cfg: Config, num_classes: int, batch: tuple[dict[str, torch.Tensor], torch.Tensor], steps: int,
@@ -140,7 +151,7 @@ def bench_train(modality: str = "image", steps: int = 20, batch_size: int = 32, 
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return [{"kind": "train_step", "modality": modality, "device": device_name, "precision": precision,
              "compile": compile, "batch_size": batch_size, "steps": steps,
-             **({"image_size": image_size} if modality == "image" else {"seq_len": seq_len, "backbone": text_backbone}),
+             **{"image": {"image_size": image_size}, "text": {"seq_len": seq_len, "backbone": text_backbone}}[modality],
              "plain_samples_per_s": round(plain, 1), "toolkit_samples_per_s": round(toolkit, 1),
              "toolkit_over_plain": ratio(toolkit, plain),
              "peak_gpu_memory_mib": None if peak is None else round(peak, 1)}]
