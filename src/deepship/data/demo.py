@@ -149,17 +149,17 @@ def render_shape(shape: str, rng: random.Random, size: int = 64) -> Image.Image:
     """One shape on a noisy background, hard in the ways photos are: sizes overlap across classes,
     contrast is sometimes low, the shape may leave the frame, and a blob may cover part of it."""
     background = np.array([rng.randint(0, 255) for _ in range(3)])
-    fill = tuple(int(c) for c in (background + rng.randint(45, 165)) % 256)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(10, 45), (size, size, 3))
+    fill = tuple(int(c) for c in (background + rng.randint(60, 165)) % 256)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(4, 20), (size, size, 3))
     img = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
-    r = rng.uniform(0.14, 0.38) * size
-    cx, cy = rng.uniform(0.5 * r, size - 0.5 * r), rng.uniform(0.5 * r, size - 0.5 * r)  # up to half a radius out
+    r = rng.uniform(0.16, 0.38) * size
+    cx, cy = rng.uniform(0.6 * r, size - 0.6 * r), rng.uniform(0.6 * r, size - 0.6 * r)  # may leave the frame
     draw = ImageDraw.Draw(img)
     _draw_shape(draw, shape, cx, cy, r, fill)
-    if rng.random() < 0.5:  # an occluding blob in a random colour, centred near the shape's edge
-        ox, oy, orad = cx + rng.uniform(-r, r), cy + rng.uniform(-r, r), rng.uniform(0.3, 0.6) * r
+    if rng.random() < 0.4:  # an occluding blob in a random colour, centred near the shape's edge
+        ox, oy, orad = cx + rng.uniform(-r, r), cy + rng.uniform(-r, r), rng.uniform(0.25, 0.5) * r
         draw.ellipse((ox - orad, oy - orad, ox + orad, oy + orad), fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
 
 
 def make_shapes_images(root: Path, per_class: tuple[int, int] = (300, 60), seed: int = 0, *,
