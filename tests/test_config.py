@@ -11,6 +11,7 @@ import yaml
 
 from deepship import cli
 from deepship.config import Config, apply_overrides, load_config
+from deepship.errors import ConfigError
 
 from conftest import write_config, write_text_csv
 

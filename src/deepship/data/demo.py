@@ -65,6 +65,7 @@ TOPICS: dict[str, dict[str, list[str]]] = {
 TEMPLATES = ["{s} {e}.", "yesterday {s} {e}.", "people said {s} {e}.", "i read that {s} {e}.",
              "{s} {e} again.", "everyone noticed that {s} {e}.", "{s} {e}, as expected.",
              "this week {s} {e}."]
+
 # Vocabulary shared by topics, so the quickstart is not trivially separable: subjects that belong to no
 # topic, and events that fit two topics equally well (the label of such a row is one of the two).
 NEUTRAL_SUBJECTS = ["the local paper", "a neighbour", "the report", "my friend", "the video",
@@ -146,24 +147,24 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 
 def render_shape(shape: str, rng: random.Random, size: int = 64) -> Image.Image:
-    """One shape on a noisy background, hard in the ways photos are: sizes overlap across classes,
-    contrast is sometimes low, the shape may leave the frame, and a blob may cover part of it."""
+    """One shape on a random, noisy background. Sizes overlap across classes, the shape may leave the
+    frame a little, and a blob sometimes covers part of it."""
     background = np.array([rng.randint(0, 255) for _ in range(3)])
-    fill = tuple(int(c) for c in (background + rng.randint(60, 165)) % 256)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(4, 20), (size, size, 3))
-    img = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
-    r = rng.uniform(0.16, 0.38) * size
-    cx, cy = rng.uniform(0.6 * r, size - 0.6 * r), rng.uniform(0.6 * r, size - 0.6 * r)  # may leave the frame
+    fill = tuple(int(c + rng.randint(90, 165)) % 256 for c in background)  # always contrasting
+    grey = np.random.default_rng(rng.getrandbits(32)).normal(128, rng.uniform(10, 40), (size, size, 1))
+    img = Image.fromarray(np.clip(0.75 * background + 0.25 * grey, 0, 255).astype(np.uint8))
+    r = rng.uniform(0.18, 0.38) * size
+    cx, cy = rng.uniform(0.8 * r, size - 0.8 * r), rng.uniform(0.8 * r, size - 0.8 * r)
     draw = ImageDraw.Draw(img)
     _draw_shape(draw, shape, cx, cy, r, fill)
-    if rng.random() < 0.4:  # an occluding blob in a random colour, centred near the shape's edge
-        ox, oy, orad = cx + rng.uniform(-r, r), cy + rng.uniform(-r, r), rng.uniform(0.25, 0.5) * r
+    if rng.random() < 0.25:  # an occluding blob in a random colour, centred near the shape's edge
+        ox, oy, orad = cx + rng.uniform(-r, r), cy + rng.uniform(-r, r), rng.uniform(0.2, 0.4) * r
         draw.ellipse((ox - orad, oy - orad, ox + orad, oy + orad), fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.0)))
 
 
 def make_shapes_images(root: Path, per_class: tuple[int, int] = (300, 60), seed: int = 0, *,
-                       label_noise: float = 0.03) -> None:
+                       label_noise: float = 0.08) -> None:
     """Write train/ and test/ class-per-folder trees of 64x64 images (PNG and JPEG mixed); in each folder
     `label_noise` of the images show another, random shape."""
     rng = random.Random(seed)
