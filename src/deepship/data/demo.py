@@ -164,7 +164,7 @@ def render_shape(shape: str, rng: random.Random, size: int = 64) -> Image.Image:
 
 
 def make_shapes_images(root: Path, per_class: tuple[int, int] = (300, 60), seed: int = 0, *,
-                       label_noise: float = 0.08) -> None:
+                       label_noise: float = 0.05) -> None:
     """Write train/ and test/ class-per-folder trees of 64x64 images (PNG and JPEG mixed); in each folder
     `label_noise` of the images show another, random shape."""
     rng = random.Random(seed)
