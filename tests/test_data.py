@@ -255,3 +255,33 @@ def test_topics_are_learnable_but_not_separable(tmp_path: Path) -> None:
     accuracy = float(np.mean(model.predict(vectorizer.transform(test.text)) == test.label))
     # chance is 0.25; ambiguous rows (18%, half of them lost) and 3% noise cap a perfect reader near 0.89
     assert 0.7 < accuracy < 0.92, accuracy
+
+
+def drawn_shape(path: Path) -> tuple[str, float]:
+    """The shape a generated PNG shows, recovered independently: mask the most frequent colour (the shape's
+    flat fill), then take the shape whose outline over the mask's bounding box overlaps it best (IoU)."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    mask = (np.abs(pixels - colours[counts.argmax()]).max(1) <= 8).reshape(64, 64)
+    ys, xs = np.nonzero(mask)
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    r = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) / 2
+    dy, dx = np.mgrid[0:64, 0:64] + 0.5 - np.array([cy, cx])[:, None, None]
+    outlines = {"circle": dx**2 + dy**2 <= r**2, "square": (abs(dx) <= r) & (abs(dy) <= r),
+                "triangle": (abs(dy) <= r) & (abs(dx) <= (dy + r) / 2),
+                "cross": ((abs(dx) <= r) & (abs(dy) <= r / 3)) | ((abs(dx) <= r / 3) & (abs(dy) <= r))}
+    iou = {name: (m & mask).sum() / (m | mask).sum() for name, m in outlines.items()}
+    best = max(iou, key=iou.get)
+    return best, float(iou[best])
+
+
+@pytest.mark.parametrize("label_noise", [0.05, 0.3])
+def test_shapes_label_noise_matches_the_setting(tmp_path: Path, label_noise: float) -> None:
+    from deepship.data.demo import make_shapes_images
+
+    make_shapes_images(tmp_path, per_class=(100, 0), label_noise=label_noise)
+    seen = [(p.parent.name, *drawn_shape(p)) for p in sorted(tmp_path.glob("train/*/*.png"))]
+    clear = [(folder, shape) for folder, shape, iou in seen if iou >= 0.9]  # occluded or cut shapes are left out
+    assert len(clear) > 0.6 * len(seen)
+    wrong = sum(folder != shape for folder, shape in clear) / len(clear)
+    assert wrong == pytest.approx(label_noise, abs=0.04), wrong
