@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
-import pytest
-import yaml
-from PIL import Image
+# One intra-op thread per process. Tests run on small shared CPUs, where torch's OpenMP workers wait on
+# each other whenever another process holds a core: a suite that takes minutes then takes tens of minutes.
+# Set here, before anything imports torch, so it also holds in the subprocesses tests start.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RT_POLARITY = SHARED_DATA / "rt-polarity"
@@ -22,11 +29,30 @@ NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "boring", "painful"]
 NEUTRAL = ["the", "movie", "was", "really", "quite", "plot", "actor", "film", "story", "scene"]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_demo_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    import os
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import torch
 
-    os.environ["DEEPSHIP_DEMO_DIR"] = str(tmp_path_factory.mktemp("demo-cache"))
+    torch.set_num_threads(1)  # in case a plugin imported torch before the environment above was set
+
+
+@pytest.fixture
+def all_cpu_threads() -> Iterator[int]:
+    """Opt out of the one-thread rule for a test that needs the machine's cores; yields the count."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Demo datasets generate into the session's temporary folder, not the user's cache."""
+    from deepship.data import demo
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo, "DEMO_CACHE", tmp_path_factory.mktemp("demo-cache"))
+        yield
 
 
 def toy_sentence(rng: random.Random, label: str) -> str:

@@ -138,10 +138,13 @@ def test_shipped_configs_are_valid() -> None:
         assert cfg.task in ("text_classification", "image_classification"), path
 
 
-def test_quickstart_configs_load_for_real() -> None:
-    for name in ("quickstart_text", "quickstart_image"):
-        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
-        assert cfg.data.train[0].path.startswith("demo:")
+def test_text_quickstart_config_reads_its_generated_data() -> None:
+    from deepship.data.split import load_splits
+
+    splits = load_splits(load_config(ROOT / "configs" / "quickstart_text.yaml"))
+    assert splits.classes == ["cooking", "sports", "technology", "weather"]
+    assert len(splits.train) + len(splits.val) == 4 * 160 and len(splits.test) == 4 * 40
+    assert len(splits.val) == pytest.approx(0.15 * 640, abs=4)  # val_fraction 0.15, stratified per class
 
 
 def test_script_wrapper_exit_code(base: dict, tmp_path: Path) -> None:
@@ -152,8 +155,12 @@ def test_script_wrapper_exit_code(base: dict, tmp_path: Path) -> None:
     assert "train.lr" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_config_error_is_exit_code_2() -> None:
-    assert ConfigError.exit_code == 2
+def test_data_report_refuses_a_bad_config_in_one_line(base: dict, tmp_path: Path, capsys) -> None:
+    path = write_config(tmp_path / "c.yaml", _merge(base, {"data": {"val_fraction": 2}}))
+    assert cli.main(["data-report", "--config", str(path), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "data.val_fraction" in err[0], err
+    assert not (tmp_path / "report").exists() and not (tmp_path / "runs").exists()
 
 
 def test_fsdp_with_gradient_clipping_is_refused_at_load_time(tmp_path: Path) -> None:

@@ -183,15 +183,105 @@ def test_encode_labels_uses_label_map_order(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------- demo
-def test_demo_datasets_generate_once_and_deterministically(tmp_path: Path, monkeypatch) -> None:
-    from deepship.data.demo import materialize_demo
+def test_demo_datasets_generate_once_and_deterministically(tmp_path: Path) -> None:
+    from deepship.data.demo import make_shapes_images, materialize_demo
 
-    monkeypatch.setenv("DEEPSHIP_DEMO_DIR", str(tmp_path / "a"))
+    first = materialize_demo("topics", cache=tmp_path / "a")
+    stamp = (first / "train.csv").stat().st_mtime_ns
+    assert materialize_demo("topics", cache=tmp_path / "a") == first  # reused, not rewritten
+    assert (first / "train.csv").stat().st_mtime_ns == stamp
+    again = materialize_demo("topics", cache=tmp_path / "b")
+    assert (again / "train.csv").read_bytes() == (first / "train.csv").read_bytes()
+    for name in ("x", "y"):
+        make_shapes_images(tmp_path / name, per_class=(3, 1))
+    files = sorted(p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*.*"))
+    assert all((tmp_path / "x" / f).read_bytes() == (tmp_path / "y" / f).read_bytes() for f in files)
+    images = read_samples(str(tmp_path / "x" / "train"), "image_classification", data_cfg(tmp_path / "x" / "train"))
+    assert Counter(images.labels) == {"circle": 3, "square": 3, "triangle": 3, "cross": 3}
+    assert len(files) == 4 * 4 and load_image(images.inputs[0]).size == (64, 64)
+
+
+def test_demo_sources_resolve_to_the_generated_files() -> None:
     text = read_samples("demo:topics/train.csv", "text_classification", data_cfg("demo:topics/train.csv"))
-    assert Counter(text.labels) == {"sports": 160, "weather": 160, "cooking": 160, "technology": 160}
-    first = (materialize_demo("topics") / "train.csv").read_bytes()
-    monkeypatch.setenv("DEEPSHIP_DEMO_DIR", str(tmp_path / "b"))
-    assert (materialize_demo("topics") / "train.csv").read_bytes() == first
-    images = read_samples("demo:shapes/test", "image_classification", data_cfg("demo:shapes/test"))
-    assert Counter(images.labels) == {"circle": 60, "square": 60, "triangle": 60, "cross": 60}
-    assert load_image(images.inputs[0]).size == (64, 64)
+    assert len(text) == 4 * 160 and set(text.labels) == {"sports", "weather", "cooking", "technology"}
+
+
+def parse_topic_rows(path: Path) -> list[dict]:
+    """Each generated row's subject, event and label, recovered from the text by string matching."""
+    import csv
+
+    from deepship.data.demo import NEUTRAL_SUBJECTS, SHARED_EVENTS, TOPICS
+
+    subject_topic = {s: t for t, words in TOPICS.items() for s in words["subject"]} | {s: None for s in NEUTRAL_SUBJECTS}
+    event_topics = {e: {t} for t, words in TOPICS.items() for e in words["event"]}
+    event_topics |= {e: set(pair) for pair, events in SHARED_EVENTS.items() for e in events}
+    rows = []
+    for row in csv.DictReader(open(path, encoding="utf-8")):
+        (s, e), = [(s, e) for s in subject_topic for e in event_topics if f"{s} {e}" in row["text"]]
+        rows.append({"text": row["text"], "label": row["label"], "subject": subject_topic[s], "events": event_topics[e]})
+    return rows
+
+
+@pytest.mark.parametrize("settings", [{}, {"shared_fraction": 0.3, "crossover_fraction": 0.0, "label_noise": 0.1}])
+def test_topics_overlap_and_label_noise_match_the_settings(tmp_path: Path, settings: dict) -> None:
+    from deepship.data.demo import make_topics_text
+
+    expected = {"shared_fraction": 0.18, "crossover_fraction": 0.2, "label_noise": 0.03} | settings
+    make_topics_text(tmp_path, **settings)
+    rows = parse_topic_rows(tmp_path / "train.csv") + parse_topic_rows(tmp_path / "test.csv")
+    assert len(rows) == 4 * (160 + 40) and len({r["text"] for r in rows}) == len(rows)  # no duplicates
+    shared = [r for r in rows if len(r["events"]) == 2]
+    clear = [r for r in rows if len(r["events"]) == 1]
+    crossover = [r for r in clear if r["subject"] not in (None, *r["events"])]
+    assert all(r["label"] in r["events"] for r in shared)  # an ambiguous row is labelled one of its topics
+    assert len(shared) / len(rows) == pytest.approx(expected["shared_fraction"], abs=0.01)
+    assert len(crossover) / len(rows) == pytest.approx(expected["crossover_fraction"], abs=0.01)
+    noisy = [r for r in clear if r["label"] not in r["events"]]
+    assert len(noisy) / len(clear) == pytest.approx(expected["label_noise"], abs=0.01)
+
+
+def test_topics_are_learnable_but_not_separable(tmp_path: Path) -> None:
+    """A bag-of-words model does well but far from perfectly: the demo has something to calibrate."""
+    import pandas as pd
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from deepship.data.demo import make_topics_text
+
+    make_topics_text(tmp_path)
+    train, test = pd.read_csv(tmp_path / "train.csv"), pd.read_csv(tmp_path / "test.csv")
+    vectorizer = TfidfVectorizer()
+    model = LogisticRegression(C=10, max_iter=2000).fit(vectorizer.fit_transform(train.text), train.label)
+    accuracy = float(np.mean(model.predict(vectorizer.transform(test.text)) == test.label))
+    # chance is 0.25; ambiguous rows (18%, half of them lost) and 3% noise cap a perfect reader near 0.89
+    assert 0.7 < accuracy < 0.92, accuracy
+
+
+def drawn_shape(path: Path) -> tuple[str, float]:
+    """The shape a generated PNG shows, recovered independently: mask the most frequent colour (the shape's
+    flat fill), then take the shape whose outline over the mask's bounding box overlaps it best (IoU)."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    mask = (np.abs(pixels - colours[counts.argmax()]).max(1) <= 8).reshape(64, 64)
+    ys, xs = np.nonzero(mask)
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    r = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) / 2
+    dy, dx = np.mgrid[0:64, 0:64] + 0.5 - np.array([cy, cx])[:, None, None]
+    outlines = {"circle": dx**2 + dy**2 <= r**2, "square": (abs(dx) <= r) & (abs(dy) <= r),
+                "triangle": (abs(dy) <= r) & (abs(dx) <= (dy + r) / 2),
+                "cross": ((abs(dx) <= r) & (abs(dy) <= r / 3)) | ((abs(dx) <= r / 3) & (abs(dy) <= r))}
+    iou = {name: (m & mask).sum() / (m | mask).sum() for name, m in outlines.items()}
+    best = max(iou, key=iou.get)
+    return best, float(iou[best])
+
+
+@pytest.mark.parametrize("label_noise", [0.05, 0.3])
+def test_shapes_label_noise_matches_the_setting(tmp_path: Path, label_noise: float) -> None:
+    from deepship.data.demo import make_shapes_images
+
+    make_shapes_images(tmp_path, per_class=(100, 0), label_noise=label_noise)
+    seen = [(p.parent.name, *drawn_shape(p)) for p in sorted(tmp_path.glob("train/*/*.png"))]
+    clear = [(folder, shape) for folder, shape, iou in seen if iou >= 0.9]  # occluded or cut shapes are left out
+    assert len(clear) > 0.6 * len(seen)
+    wrong = sum(folder != shape for folder, shape in clear) / len(clear)
+    assert wrong == pytest.approx(label_noise, abs=0.04), wrong
