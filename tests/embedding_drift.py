@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RT_POLARITY = ROOT.parent / "shared" / "data" / "rt-polarity"
+RT_POLARITY = Path(os.environ.get("DEEPSHIP_TEST_DATA") or ROOT.parent / "shared" / "data") / "rt-polarity"
 CACHE = Path(tempfile.gettempdir()) / "deepship-embedding-drift"
 
 

@@ -12,10 +12,10 @@ import pytest
 
 from deepship import cli
 
-from conftest import copy_package, export, read_json
+from conftest import SHARED_DATA, copy_package, export, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
-RT_POLARITY = ROOT.parent / "shared" / "data" / "rt-polarity"
+RT_POLARITY = SHARED_DATA / "rt-polarity"
 
 
 # --------------------------------------------------------------------------------- parity.json

@@ -31,12 +31,12 @@ from deepship.monitoring.drift import (
 from deepship.monitoring.monitor import Current, embedding_resolution, embedding_signal, evaluate_window, judge
 from deepship.monitoring.reference import build_profile
 
-from conftest import export, read_json, write_image_folder, write_text_csv
+from conftest import SHARED_DATA, export, read_json, write_image_folder, write_text_csv
 
 LABELS = ["a", "b", "c", "d"]
 MIX = np.array([0.4, 0.3, 0.2, 0.1])
 ROOT = Path(__file__).resolve().parents[1]
-RT_POLARITY = ROOT.parent / "shared" / "data" / "rt-polarity"
+RT_POLARITY = SHARED_DATA / "rt-polarity"
 
 
 def draw(rng: np.random.Generator, n: int, mix: np.ndarray = MIX, token_mean: float = 20.0) -> Current:
