@@ -53,8 +53,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_package(args.run, args.out, options)
     parity = json.loads((out / "parity.json").read_text())
     print(f"package: {out}")
-    print(f"parity ({parity['precision']}): max_abs_diff={parity['max_abs_diff']:.3g} "
-          f"top1_agreement={parity['top1_agreement']:.2%} batch_sizes={parity['batch_sizes']}")
+    embeddings = parity.get("embeddings_max_abs_diff")
+    print(f"parity ({parity['precision']}) on {parity.get('num_compared', '?')} inputs: logits max_abs_diff="
+          f"{parity['max_abs_diff']:.3g}" + ("" if embeddings is None else f", embeddings {embeddings:.3g}")
+          + f"; top1_agreement={parity['top1_agreement']:.2%} batch_sizes={parity['batch_sizes']}")
     if "quantization" in parity:
         q = parity["quantization"]
         print(f"int8: val_accuracy {q['val_accuracy']['torch_fp32']:.4f} -> {q['val_accuracy']['onnx_int8']:.4f}, "
