@@ -174,6 +174,18 @@ def test_the_switch_turns_the_probe_off(random_weights: Path, tmp_path: Path) ->
     assert run_probe_section(Config.model_validate(raw), splits=None) == (None, "finetune.linear_probe is false")
 
 
+def test_a_package_whose_weights_file_is_missing_here_is_refused_before_any_work(tmp_path: Path) -> None:
+    from deepship.errors import ConfigError
+    from deepship.evaluation.baseline import get_baseline
+
+    raw = image_config(tmp_path, tmp_path / "runs")
+    raw["model"]["pretrained"] = str(tmp_path / "gone.safetensors")  # as a package trained elsewhere records it
+    cfg = Config.model_validate(raw, context={"skip_path_checks": True})
+    with pytest.raises(ConfigError, match=r"^--baseline linear-probe: model.pretrained: weights file '.*gone.safetensors' "
+                                          r"not found on this host"):
+        get_baseline("linear-probe", "image", cfg)
+
+
 # ------------------------------------------------------------------------------ real photos
 @pytest.mark.slow
 @pytest.mark.skipif(not (FLOWERS.is_dir() and NATURAL_WEIGHTS.is_file()),

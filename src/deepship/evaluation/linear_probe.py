@@ -9,7 +9,8 @@ preprocessing (resize, center crop, normalize; no augmentation) that the model a
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -24,12 +25,20 @@ CV_FOLDS = 5  # at most; fewer when the smallest class has fewer training exampl
 MAX_ITER = 2000  # lbfgs on standardized features of separable classes needs more than sklearn's 100
 BATCH_SIZE = 32
 
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
+
 
 def require_pretrained(cfg: Config) -> None:
-    """A probe on random features measures nothing: refuse a config without pretrained weights."""
-    if cfg.model.pretrained is False:
+    """A probe on random features measures nothing: refuse a config without pretrained weights, and say so
+    before any work when its weights file is not on this host (a package may come from another machine)."""
+    weights = cfg.model.pretrained
+    if weights is False:
         raise ConfigError("model.pretrained is false: a linear probe needs a pretrained backbone; use a model "
                           "trained from pretrained weights (model.pretrained: a weights file, or true for ImageNet)")
+    if isinstance(weights, str) and not Path(weights).is_file():
+        raise ConfigError(f"model.pretrained: weights file '{weights}' not found on this host; the linear probe "
+                          "needs the backbone the model was trained from: copy it to that path")
 
 
 def frozen_backbone(cfg: Config) -> Backbone:
@@ -61,7 +70,7 @@ def extract_features(backbone: Backbone, paths: Sequence[str], batch_size: int =
     return torch.cat(captured).numpy()
 
 
-def fit_probe(features: np.ndarray, labels: Sequence[str], seed: int) -> Any:
+def fit_probe(features: np.ndarray, labels: Sequence[str], seed: int) -> Pipeline:
     """Standardize, then a multinomial logistic regression with C from `C_GRID` chosen by seeded stratified
     k-fold accuracy; refitted on all of `features`. Returns the fitted sklearn pipeline."""
     try:
