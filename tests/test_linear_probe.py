@@ -174,6 +174,25 @@ def test_the_switch_turns_the_probe_off(random_weights: Path, tmp_path: Path) ->
     assert run_probe_section(Config.model_validate(raw), splits=None) == (None, "finetune.linear_probe is false")
 
 
+def test_a_probe_that_fails_costs_the_run_nothing_but_the_probe(random_weights: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepship.data.sources import Samples
+    from deepship.data.split import Splits
+    from deepship.errors import ConfigError
+    from deepship.evaluation import baseline
+
+    def no_sklearn(*args):
+        raise ConfigError("the linear probe needs scikit-learn; pip install 'deepship[train]'")
+
+    monkeypatch.setattr(baseline, "probe_predict", no_sklearn)
+    raw = image_config(tmp_path, tmp_path / "runs")
+    raw["model"]["pretrained"] = str(random_weights)
+    samples = Samples(["a.png", "b.png"], ["red", "blue"], ["a.png", "b.png"], "train")
+    section, reason = run_probe_section(Config.model_validate(raw), Splits(samples, samples, None, ["blue", "red"]))
+    assert section is None and reason == "the linear probe failed: the linear probe needs scikit-learn; pip install " \
+                                        "'deepship[train]'"
+
+
 def test_a_package_whose_weights_file_is_missing_here_is_refused_before_any_work(tmp_path: Path) -> None:
     from deepship.errors import ConfigError
     from deepship.evaluation.baseline import get_baseline

@@ -43,6 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics[split].items()))
     if metrics.get("linear_probe"):
         print(describe_probe(metrics["linear_probe"], metrics["val"]["accuracy"]))
+    elif cfg.task == "image_classification":
+        print(f"linear probe: not run ({metrics.get('linear_probe_skipped')})")
     print(f"next: deepship export --run {shlex.quote(str(run_dir))} --out {shlex.quote(f'packages/{run_dir.name}')}")
     return 0
 

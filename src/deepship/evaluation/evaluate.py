@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from deepship.config import Config, ObjectiveConfig, SourceConfig, validate_section
-from deepship.errors import ConfigError, DataError
+from deepship.errors import ConfigError, DataError, DeepshipError, first_line
 from deepship.evaluation.baseline import BASELINES, Baseline, get_baseline
 from deepship.evaluation.html import render_html
 from deepship.evaluation.latency import measure_latency
@@ -118,12 +118,17 @@ def score_baseline(cfg: Config, baseline: Baseline, train: Samples, inputs: Sequ
 
 def run_probe_section(cfg: Config, splits: Splits) -> tuple[dict[str, Any] | None, str | None]:
     """A training run's linear probe: fitted on its training split, scored on its validation split; or None
-    and the reason it does not apply (text runs, no pretrained weights, finetune.linear_probe false)."""
+    and the reason it does not apply (text runs, no pretrained weights, finetune.linear_probe false) or failed:
+    a probe that cannot run must not cost the finished run its metrics.json."""
     reason = probe_skip_reason(cfg)
     if reason is not None:
         return None, reason
     targets = np.array([splits.classes.index(y) for y in splits.val.labels])
-    return score_baseline(cfg, BASELINES["linear-probe"], splits.train, splits.val.inputs, targets, splits.classes), None
+    try:
+        return score_baseline(cfg, BASELINES["linear-probe"], splits.train, splits.val.inputs, targets,
+                              splits.classes), None
+    except DeepshipError as exc:
+        return None, f"the linear probe failed: {first_line(exc, 300)}"
 
 
 def challenger_section(predictor: Predictor, logits: torch.Tensor, targets: torch.Tensor, inputs: Sequence[str],
