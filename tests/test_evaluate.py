@@ -204,7 +204,7 @@ def test_image_package_evaluates_from_a_folder(image_package: Path, tmp_path: Pa
 
 # ----------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("case", ["unknown_label", "missing_data", "bad_override", "not_objective", "baseline_images",
-                                  "compare_other_labels"])
+                                  "probe_texts", "probe_not_pretrained", "compare_other_labels"])
 def test_bad_input_exits_2_with_one_clear_line_and_no_report(case: str, text_package: Path, image_package: Path,
                                                              held_out_csv: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
@@ -221,7 +221,14 @@ def test_bad_input_exits_2_with_one_clear_line_and_no_report(case: str, text_pac
         extra, expected = ["--set", "train.lr=0.1"], "evaluate takes objective.* keys only"
     elif case == "baseline_images":
         package, data = image_package, write_image_folder(tmp_path / "images", n_per_class=2)
-        extra, expected = ["--baseline", "tfidf"], "--baseline tfidf: is a text baseline"
+        extra, expected = ["--baseline", "tfidf"], "--baseline tfidf: reads text inputs; this package classifies image"
+    elif case == "probe_texts":
+        extra = ["--baseline", "linear-probe"]
+        expected = "--baseline linear-probe: reads image inputs; this package classifies text inputs"
+    elif case == "probe_not_pretrained":  # the tiny image run trains from scratch
+        package, data = image_package, write_image_folder(tmp_path / "images", n_per_class=2)
+        extra, expected = ["--baseline", "linear-probe"], "--baseline linear-probe: model.pretrained is false: a linear " \
+            "probe needs a pretrained backbone"
     else:
         extra, expected = ["--compare", str(image_package)], "differ from"
     out = tmp_path / "out"

@@ -41,8 +41,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     for split in ("val", "test"):
         if split in metrics:
             print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics[split].items()))
+    if metrics.get("linear_probe"):
+        print(describe_probe(metrics["linear_probe"], metrics["val"]["accuracy"]))
+    elif cfg.task == "image_classification":
+        print(f"linear probe: not run ({metrics.get('linear_probe_skipped')})")
     print(f"next: deepship export --run {shlex.quote(str(run_dir))} --out {shlex.quote(f'packages/{run_dir.name}')}")
     return 0
+
+
+def describe_probe(probe: dict[str, float], model_accuracy: float) -> str:
+    """One line: did fine-tuning beat a logistic regression on the frozen pretrained features (val accuracy)?"""
+    points = 100 * (model_accuracy - probe["accuracy"])
+    if round(points, 1) == 0:
+        verdict = "fine-tuning and the probe tie"
+    else:
+        winner, loser = ("fine-tuning", "the probe") if points > 0 else ("the probe", "fine-tuning")
+        verdict = f"{winner} beats {loser} by {abs(points):.1f} points"
+    return (f"linear probe (val): accuracy={probe['accuracy']:.4f} macro_f1={probe['macro_f1']:.4f} C={probe['C']:g} "
+            f"(model {model_accuracy:.4f}: {verdict})")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -115,8 +131,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lat = report["latency"]["batch_1"]
         print(f"latency batch 1: p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms, p99 {lat['p99']:.2f} ms")
     if report["baseline"]:
-        print(f"baseline {report['baseline']['name']}: accuracy={report['baseline']['accuracy']:.4f} "
-              f"macro_f1={report['baseline']['macro_f1']:.4f}")
+        b = report["baseline"]
+        print(f"baseline {b['name']}: accuracy={b['accuracy']:.4f} macro_f1={b['macro_f1']:.4f}"
+              + (f" C={b['C']:g}" if "C" in b else ""))
     if report["comparison"]:
         print(f"compare: {report['comparison']['conclusion']}")
     print(f"report: {Path(args.out) / JSON_NAME} and {Path(args.out) / HTML_NAME}")
@@ -200,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for report.json and report.html")
     evaluate.add_argument("--compare", default=None, metavar="PACKAGE",
                           help="a challenger package: side by side, paired bootstrap and McNemar tests")
-    evaluate.add_argument("--baseline", choices=["tfidf"], default=None,
-                          help="text: train TF-IDF + linear SVM on the package's training data and report it beside")
+    evaluate.add_argument("--baseline", choices=["tfidf", "linear-probe"], default=None,
+                          help="train a cheap model on the package's training data and report it beside: tfidf (text: "
+                               "TF-IDF + linear SVM) or linear-probe (image: logistic regression on the frozen "
+                               "pretrained backbone's features)")
     evaluate.add_argument("--baseline-train", default=None, help="training data for --baseline (default: the package's)")
     evaluate.add_argument("--set", nargs="+", action="extend", default=[], metavar="objective.KEY=VALUE",
                           help="override the package's objective, e.g. --set objective.min=0.9 objective.metric=accuracy")

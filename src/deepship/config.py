@@ -142,6 +142,8 @@ class FinetuneConfig(_Section):
     mixup: float = Field(0.0, ge=0.0, le=1.0, description="image: probability a batch is mixed with MixUp")
     cutmix: float = Field(0.0, ge=0.0, le=1.0, description="image: probability a batch is mixed with CutMix")
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="EMA of weights, evaluated and checkpointed")
+    linear_probe: bool = Field(True, description="image runs from pretrained weights: report a logistic regression "
+                                                 "on the frozen backbone's features beside the model")
 
     @field_validator("cutmix")
     @classmethod

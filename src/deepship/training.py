@@ -32,7 +32,7 @@ from deepship.data.report import record_truncation, validate_data, write_data_re
 from deepship.data.split import Splits
 from deepship.data.text import TextDataset
 from deepship.errors import ConfigError, Preempted
-from deepship.evaluation.evaluate import write_run_report
+from deepship.evaluation.evaluate import run_probe_section, write_run_report
 from deepship.files import remove_temp_files, write_json
 from deepship.models.backbones import Backbone, build_backbone
 from deepship.models.classifier import ClassifierModule
@@ -283,6 +283,10 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         "precision": str(trainer.precision),
         "sdpa_backend": attention.report(),  # text: the measured attention kernel; null for images
     })
+    probe, skipped = run_probe_section(cfg, splits)  # the cheapest strong alternative, on the same val split
+    metrics["linear_probe"] = None if probe is None else {k: probe[k] for k in ("accuracy", "macro_f1", "C")}
+    if skipped is not None:
+        metrics["linear_probe_skipped"] = skipped
     write_json(run_dir / "metrics.json", metrics)
-    write_run_report(cfg, run_dir, logits, targets, splits.classes, metrics["precision"])
+    write_run_report(cfg, run_dir, logits, targets, splits.classes, metrics["precision"], baseline=probe)
     return run_dir

@@ -11,21 +11,26 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from deepship.config import Config, ObjectiveConfig, SourceConfig, validate_section
-from deepship.errors import ConfigError, DataError
-from deepship.evaluation.baseline import Baseline, get_baseline
+from deepship.errors import ConfigError, DataError, DeepshipError, first_line
+from deepship.evaluation.baseline import BASELINES, Baseline, get_baseline
 from deepship.evaluation.html import render_html
 from deepship.evaluation.latency import measure_latency
+from deepship.evaluation.linear_probe import probe_skip_reason
 from deepship.evaluation.report import Decisions, build_report, comparison_section, fit_decision_rule
 from deepship.evaluation.schema import Report
 from deepship.files import atomic_write_text, finite
 from deepship.runtime.modality import Modality
 from deepship.runtime.predictor import Predictor
+
+if TYPE_CHECKING:
+    from deepship.data.sources import Samples
+    from deepship.data.split import Splits
 
 JSON_NAME, HTML_NAME = "report.json", "report.html"
 
@@ -84,7 +89,6 @@ def baseline_section(cfg: Config, options: EvaluateOptions, inputs: Sequence[str
                      labels: Sequence[str], baseline: Baseline) -> dict[str, Any]:
     """The baseline trained on the package's own training split (or --baseline-train), scored on `inputs`."""
     from deepship.data.split import load_splits
-    from deepship.evaluation.metrics import score
 
     if options.baseline_train:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
@@ -95,12 +99,36 @@ def baseline_section(cfg: Config, options: EvaluateOptions, inputs: Sequence[str
     except DataError as exc:
         raise DataError(f"--baseline {options.baseline}: cannot read the training data ({exc}); "
                         "pass --baseline-train FILE") from None
+    return score_baseline(cfg, baseline, train, inputs, targets, labels)
+
+
+def score_baseline(cfg: Config, baseline: Baseline, train: Samples, inputs: Sequence[str], targets: np.ndarray,
+                   labels: Sequence[str]) -> dict[str, Any]:
+    """Fit `baseline` on `train`, score its predictions for `inputs` against `targets` (label indices)."""
+    from deepship.evaluation.metrics import score
+
+    fit = baseline.predict(cfg, train.inputs, train.labels, inputs)
     index = {label: i for i, label in enumerate(labels)}
-    preds = torch.tensor([index.get(y, -1) for y in baseline.predict(train.inputs, train.labels, inputs)])
+    preds = torch.tensor([index.get(y, -1) for y in fit.predictions])
     t = torch.from_numpy(targets)
     one_hot = torch.nn.functional.one_hot(preds.clamp(min=0), len(labels)).double()
     return {"name": baseline.name, "train_samples": len(train), "accuracy": score("accuracy", one_hot, preds, t),
-            "macro_f1": score("macro_f1", one_hot, preds, t)}
+            "macro_f1": score("macro_f1", one_hot, preds, t), **fit.details}
+
+
+def run_probe_section(cfg: Config, splits: Splits) -> tuple[dict[str, Any] | None, str | None]:
+    """A training run's linear probe: fitted on its training split, scored on its validation split; or None
+    and the reason it does not apply (text runs, no pretrained weights, finetune.linear_probe false) or failed:
+    a probe that cannot run must not cost the finished run its metrics.json."""
+    reason = probe_skip_reason(cfg)
+    if reason is not None:
+        return None, reason
+    targets = np.array([splits.classes.index(y) for y in splits.val.labels])
+    try:
+        return score_baseline(cfg, BASELINES["linear-probe"], splits.train, splits.val.inputs, targets,
+                              splits.classes), None
+    except DeepshipError as exc:
+        return None, f"the linear probe failed: {first_line(exc, 300)}"
 
 
 def challenger_section(predictor: Predictor, logits: torch.Tensor, targets: torch.Tensor, inputs: Sequence[str],
@@ -123,7 +151,7 @@ def evaluate_package(package: str | Path, data: str, out: str | Path, options: E
     predictor = Predictor.load(package)
     cfg = package_config(predictor)
     objective = resolve_objective(cfg.objective, options.overrides)
-    baseline = get_baseline(options.baseline, predictor.modality.name) if options.baseline else None
+    baseline = get_baseline(options.baseline, predictor.modality.name, cfg) if options.baseline else None
     inputs, targets_np = read_labeled(data, cfg, predictor.labels, predictor.modality)
     logits = torch.from_numpy(predictor.batched_logits(inputs, options.batch_size, show_progress=True))
     targets = torch.from_numpy(targets_np)
@@ -150,15 +178,15 @@ def evaluate_package(package: str | Path, data: str, out: str | Path, options: E
 
 
 def write_run_report(cfg: Config, run_dir: Path, logits: torch.Tensor, targets: torch.Tensor, labels: Sequence[str],
-                     precision: str, n_resamples: int = 1000) -> dict[str, Any]:
+                     precision: str, n_resamples: int = 1000, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """A training run's report on its validation set, with the temperature and thresholds fitted there
-    (export refits them on the exported model's own logits)."""
+    (export refits them on the exported model's own logits); `baseline`: a section scored on the same set."""
     rule = fit_decision_rule(logits, targets, labels, cfg.objective, fitted_on="val")
     report = build_report(
         logits, targets, labels, cfg.objective, calibration=rule["calibration"], thresholds=rule["thresholds"],
         model={"name": cfg.train.run_name, "task": cfg.task, "labels": list(labels), "model_version": None,
                "precision": precision, "run": str(run_dir)},
-        data={"source": "validation split of the run", "split": "val"}, history=read_history(run_dir),
+        data={"source": "validation split of the run", "split": "val"}, baseline=baseline, history=read_history(run_dir),
         notes=["temperature and thresholds were fitted on this same validation set, so calibration and threshold "
                "numbers here are optimistic; evaluate the exported package on held-out data for honest ones"],
         n_resamples=n_resamples)

@@ -172,7 +172,8 @@ def extras_html(report: dict[str, Any]) -> str:
                      + table(["batch", "runs", "p50 ms", "p95 ms", "p99 ms"], rows))
     if report["baseline"]:
         b = report["baseline"]
-        parts.append(f"<h2>Baseline: {esc(b['name'])}</h2>" + table(
+        chosen = f" (C = {b['C']:g}, chosen by cross-validation)" if "C" in b else ""
+        parts.append(f"<h2>Baseline: {esc(b['name'])}{chosen}</h2>" + table(
             ["", "accuracy", "macro F1"], [["model", fmt(report["metrics"]["accuracy"]), fmt(report["metrics"]["macro_f1"])],
                                            ["baseline", fmt(b["accuracy"]), fmt(b["macro_f1"])]]))
     if report["comparison"]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from deepship.errors import ExportError
+from deepship.models.backbones import classification_head
 from deepship.run import LoadedRun
 from deepship.runtime.modality import Modality, modality_for
 from deepship.runtime.package import EMBEDDINGS_OUTPUT
@@ -37,11 +38,6 @@ def training_inputs(run: LoadedRun, raw: Sequence[str]) -> dict[str, torch.Tenso
     from deepship.data.datamodule import eval_batch
 
     return eval_batch(run.backbone, raw)
-
-
-def classification_head(net: torch.nn.Module) -> torch.nn.Module:
-    """The net's last Linear: its input is the embedding the package exports for the monitor."""
-    return [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
 
 
 def torch_outputs(run: LoadedRun, raw: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -274,6 +274,12 @@ def save_model_config(backbone: Backbone, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ entry
+def classification_head(net: nn.Module) -> nn.Module:
+    """The net's last Linear: its input is the pooled embedding (exported for the monitor, probed by the
+    linear-probe baseline)."""
+    return [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+
+
 def build_backbone(task: Task, cfg: ModelConfig, data: DataConfig, num_classes: int,
                    saved_run: Path | None = None) -> Backbone:
     """`saved_run`: a run directory whose tokenizer and architecture config to use (weights come later)."""
