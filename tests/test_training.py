@@ -341,9 +341,10 @@ def test_train_prints_a_header_and_a_summary_ending_with_the_export_command(tmp_
     out = captured.out.splitlines()
     assert out[:2] == ["train: cpu, precision 32-true; samples: train 18, val 6", f"run directory: {run_dir}"]
     assert out[-1] == f"next: deepship export --run {run_dir} --out packages/tiny-image"
-    assert out[-3].startswith("done: 1 epochs in ") and out[-3].endswith("best epoch 1")
+    assert out[-4].startswith("done: 1 epochs in ") and out[-4].endswith("best epoch 1")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert out[-2] == "val: " + " ".join(f"{k}={v:.4f}" for k, v in metrics["val"].items())
+    assert out[-3] == "val: " + " ".join(f"{k}={v:.4f}" for k, v in metrics["val"].items())
+    assert out[-2] == "linear probe: not run (model.pretrained is false: there is no pretrained backbone to probe)"
     # Lightning's info lines reach the root logger under pytest (caplog); in a terminal they go to stderr
     shown = captured.out + captured.err + "\n".join(r.getMessage() for r in caplog.records)
     for chatter in ("GPU available", "TPU available", "Tip:", "Total params", "Restoring states"):

@@ -31,6 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues from the run's last.ckpt, but train.resume={cfg.train.resume}; "
                               "give one of them")
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume": "auto"})})
+    from deepship.evaluation.linear_probe import probe_applies
     from deepship.training import fit, is_launch_rank_zero  # torch, lightning: imported only once the config is good
 
     run_dir = fit(cfg)
@@ -43,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics[split].items()))
     if metrics.get("linear_probe"):
         print(describe_probe(metrics["linear_probe"], metrics["val"]["accuracy"]))
-    elif cfg.task == "image_classification":
+    elif probe_applies(cfg):  # a text run has the TF-IDF baseline of `evaluate` instead
         print(f"linear probe: not run ({metrics.get('linear_probe_skipped')})")
     print(f"next: deepship export --run {shlex.quote(str(run_dir))} --out {shlex.quote(f'packages/{run_dir.name}')}")
     return 0

@@ -282,6 +282,11 @@ class Config(_Section):
     def run_dir(self) -> Path:
         return Path(self.train.out_dir) / self.train.run_name
 
+    @property
+    def modality(self) -> str:
+        """"image" or "text": the inputs this task reads (the name modality objects and baselines use)."""
+        return self.task.removesuffix("_classification")
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from deepship.config import Config
 from deepship.errors import ConfigError
-from deepship.evaluation.linear_probe import probe_predict, require_pretrained
+from deepship.evaluation.linear_probe import PROBE_MODALITY, probe_predict, require_pretrained
 
 
 def tfidf_predict(train_texts: Sequence[str], train_labels: Sequence[str], texts: Sequence[str]) -> list[str]:
@@ -59,7 +59,7 @@ class Baseline:
 
 
 BASELINES = {"tfidf": Baseline("tfidf_linear_svm", "text", tfidf_baseline),
-             "linear-probe": Baseline("linear_probe", "image", linear_probe_baseline, require_pretrained)}
+             "linear-probe": Baseline("linear_probe", PROBE_MODALITY, linear_probe_baseline, require_pretrained)}
 
 
 def get_baseline(name: str, modality: str, cfg: Config) -> Baseline:

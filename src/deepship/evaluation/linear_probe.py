@@ -98,12 +98,20 @@ def probe_predict(cfg: Config, train_paths: Sequence[str], train_labels: Sequenc
     return [str(y) for y in predictions], float(probe[-1].C)
 
 
+PROBE_MODALITY = "image"  # it probes a CNN's pooled features
+
+
+def probe_applies(cfg: Config) -> bool:
+    """Whether a run of this config can have a linear probe at all (its inputs are the probe's)."""
+    return cfg.modality == PROBE_MODALITY
+
+
 def probe_skip_reason(cfg: Config) -> str | None:
     """Why a training run reports no linear probe, or None when it does."""
     if not cfg.finetune.linear_probe:
         return "finetune.linear_probe is false"
-    if cfg.task != "image_classification":
-        return "the linear probe is an image baseline; this is a text run"
+    if not probe_applies(cfg):
+        return f"the linear probe reads {PROBE_MODALITY} inputs; this is a {cfg.modality} run"
     if cfg.model.pretrained is False:
         return "model.pretrained is false: there is no pretrained backbone to probe"
     return None
