@@ -25,8 +25,8 @@ Strategy = str  # "full" | "freeze" | "freeze_then_unfreeze" | "gradual"
 
 # ------------------------------------------------------------------------------------ recipes
 # `finetune.strategy: auto` / `freeze_bn: auto` for a pretrained image backbone. Below SMALL_TRAIN_SET
-# training images a full fine-tune from step 0 lets the random head's gradients wreck pretrained features and
-# re-estimates BatchNorm statistics from a few hundred images: warm the head up on the frozen backbone, then
+# training images a full fine-tune from step 0 lets the random head's gradients distort the pretrained features
+# (the case for linear-probe-then-fine-tune) and re-estimates BatchNorm statistics from a few hundred images: warm the head up on the frozen backbone, then
 # train the backbone at a tenth of the head's LR with its BatchNorm statistics kept (docs/finetuning.md).
 SMALL_TRAIN_SET = 5000
 SMALL_DATA_BACKBONE_LR_SCALE = 0.1
@@ -39,7 +39,8 @@ def is_small_pretrained_image(cfg: Config, train_size: int) -> bool:
 def resolve_recipe(cfg: Config, train_size: int) -> FinetuneConfig:
     """cfg.finetune with `auto` settings made concrete for this training set; values set explicitly stay.
     strategy auto: small pretrained image data -> freeze_then_unfreeze (head alone for unfreeze_epoch epochs),
-    backbone_lr = train.lr x 0.1; otherwise full. freeze_bn auto: true exactly for small pretrained image data."""
+    backbone_lr = head LR (head_lr, else train.lr) x 0.1; otherwise full. freeze_bn auto: true exactly for small
+    pretrained image data."""
     f = cfg.finetune
     small = is_small_pretrained_image(cfg, train_size)
     update: dict[str, Any] = {}
@@ -53,12 +54,14 @@ def resolve_recipe(cfg: Config, train_size: int) -> FinetuneConfig:
 
 
 def describe_recipe(requested: FinetuneConfig, resolved: FinetuneConfig) -> str | None:
-    """One line for the run header when `auto` chose something; None when nothing was automatic."""
-    if requested.strategy != "auto" and requested.freeze_bn != "auto":
+    """One line for the run header when `auto` chose the small-data recipe or a strategy; None otherwise."""
+    if requested.strategy != "auto" and not (requested.freeze_bn == "auto" and resolved.freeze_bn):
         return None
+    n = resolved.unfreeze_epoch
+    staged = f" (the head alone for {n} epoch{'' if n == 1 else 's'})" if resolved.strategy == "freeze_then_unfreeze" \
+        else ""
     lr = f", backbone_lr {resolved.backbone_lr:g}" if resolved.backbone_lr is not None else ""
-    return f"finetune: strategy {resolved.strategy} (unfreeze_epoch {resolved.unfreeze_epoch}){lr}, " \
-           f"freeze_bn {str(resolved.freeze_bn).lower()}"
+    return f"finetune: strategy {resolved.strategy}{staged}{lr}, freeze_bn {str(resolved.freeze_bn).lower()}"
 
 
 # ------------------------------------------------------------------------------ learning rates
