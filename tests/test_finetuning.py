@@ -402,8 +402,9 @@ def test_auto_recipe_is_for_pretrained_image_backbones_and_keeps_explicit_values
     assert (recipe.strategy, recipe.freeze_bn, recipe.backbone_lr, recipe.unfreeze_epoch) == \
         ("freeze_then_unfreeze", False, 5e-5, 3)
     assert resolve_recipe(recipe_config(head_lr=1e-2), 100).backbone_lr == pytest.approx(1e-3)  # head LR x 0.1
-    explicit = resolve_recipe(recipe_config(strategy="gradual"), 100)
-    assert (explicit.strategy, explicit.freeze_bn, explicit.backbone_lr) == ("gradual", True, None)
+    for strategy in ("full", "gradual"):  # freeze_bn auto belongs to the auto recipe (its lower backbone LR)
+        explicit = resolve_recipe(recipe_config(strategy=strategy), 100)
+        assert (explicit.strategy, explicit.freeze_bn, explicit.backbone_lr) == (strategy, False, None)
 
 
 def test_auto_recipe_in_training_warms_the_head_up_then_trains_the_backbone_slower(image_dir: Path,

@@ -130,7 +130,7 @@ class FinetuneConfig(_Section):
                             "with backbone_lr = head LR x 0.1; otherwise full")
     freeze_bn: bool | Literal["auto"] = Field(
         "auto", description="true: backbone BatchNorms keep their pretrained running statistics while training; "
-                            "auto = true for a pretrained image backbone on < 5,000 training images")
+                            "auto = true when strategy auto picks its small-data recipe")
     unfreeze_epoch: int = Field(1, ge=0, description="freeze_then_unfreeze/gradual: first epoch (0-based) "
                                                      "that trains backbone layers")
     unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing the next layer group")
