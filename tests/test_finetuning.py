@@ -62,11 +62,12 @@ class Recorder(Callback):
 
 
 def image_run(image_dir: Path, tmp_path: Path, finetune: dict, recorder: Recorder | None = None,
-              extra: tuple = (), **train: Any) -> Path:
+              extra: tuple = (), model: dict | None = None, **train: Any) -> Path:
     from deepship.training import fit
 
     raw = image_config(image_dir, tmp_path / "runs", **{"max_epochs": 1, "limit_train_batches": 3, **train})
     raw["finetune"] = {"warmup_ratio": 0.0, **finetune}
+    raw["model"].update(model or {})
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = load_config(write_config(tmp_path / "c.yaml", raw))
     return fit(cfg, [c for c in (recorder, *extra) if c is not None])
@@ -339,3 +340,89 @@ def test_tiny_run_learns_with_every_option_on(image_dir: Path, tmp_path: Path) -
 
     run = image_run(image_dir, tmp_path, EVERY_OPTION, max_epochs=10, limit_train_batches=None)
     assert json.loads((run / "metrics.json").read_text())["val"]["accuracy"] >= 0.6  # chance is 1/3
+
+
+# ------------------------------------------------------------------ small-data recipes (freeze_bn, strategy auto)
+def bn_stats(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in backbone_keys(state) if k.endswith(("running_mean", "running_var"))]
+
+
+def conv_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in backbone_keys(state) if k.endswith("weight") and state[k].ndim == 4]
+
+
+def bn_scales(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in backbone_keys(state) if k.endswith("weight") and state[k].ndim == 1]
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_keeps_running_stats_while_the_backbone_trains(image_dir: Path, tmp_path: Path,
+                                                                 freeze_bn: bool) -> None:
+    rec = Recorder()
+    image_run(image_dir, tmp_path, {"strategy": "full", "freeze_bn": freeze_bn}, rec)
+    before, after = rec.start[0], rec.end[0]
+    stats = bn_stats(before)
+    assert len(stats) == 2 * 52  # MobileNetV2's features hold 52 BatchNorms
+    assert len(changed(before, after, conv_weights(before))) == 52  # every conv trains either way
+    assert len(changed(before, after, bn_scales(before))) == 52  # and every BatchNorm scale
+    assert changed(before, after, stats) == ([] if freeze_bn else stats)
+    assert rec.bn_training[0] == [not freeze_bn] * 52
+
+
+def recipe_config(task: str = "image_classification", pretrained: bool | str = "w.safetensors",
+                  **finetune: Any) -> Config:
+    model = {"pretrained": pretrained} if task == "image_classification" else {"backbone": "tiny"}
+    return Config.model_validate({"task": task, "data": {"train": "x"}, "model": model,
+                                  "finetune": {"strategy": "auto", **finetune}, "train": {"lr": 2e-3}},
+                                 context={"skip_path_checks": True})
+
+
+@pytest.mark.parametrize("train_size,strategy,backbone_lr,freeze_bn", [
+    (4999, "freeze_then_unfreeze", 2e-4, True),  # documented: below 5,000 images, backbone at train.lr x 0.1
+    (5000, "full", None, False),
+])
+def test_auto_recipe_follows_the_documented_threshold(train_size: int, strategy: str, backbone_lr: float | None,
+                                                      freeze_bn: bool) -> None:
+    from deepship.models.finetuning import resolve_recipe
+
+    for pretrained in ("w.safetensors", True):
+        recipe = resolve_recipe(recipe_config(pretrained=pretrained), train_size)
+        assert (recipe.strategy, recipe.freeze_bn, recipe.unfreeze_epoch) == (strategy, freeze_bn, 1)
+        assert recipe.backbone_lr == (pytest.approx(backbone_lr) if backbone_lr else None)
+        assert recipe.head_lr is None  # the head keeps train.lr
+
+
+def test_auto_recipe_is_for_pretrained_image_backbones_and_keeps_explicit_values() -> None:
+    from deepship.models.finetuning import resolve_recipe
+
+    for cfg in (recipe_config(pretrained=False), recipe_config(task="text_classification")):
+        recipe = resolve_recipe(cfg, 100)
+        assert (recipe.strategy, recipe.freeze_bn, recipe.backbone_lr) == ("full", False, None)
+    recipe = resolve_recipe(recipe_config(backbone_lr=5e-5, freeze_bn=False, unfreeze_epoch=3, head_lr=1e-2), 100)
+    assert (recipe.strategy, recipe.freeze_bn, recipe.backbone_lr, recipe.unfreeze_epoch) == \
+        ("freeze_then_unfreeze", False, 5e-5, 3)
+    assert resolve_recipe(recipe_config(head_lr=1e-2), 100).backbone_lr == pytest.approx(1e-3)  # head LR x 0.1
+    for strategy in ("full", "gradual"):  # freeze_bn auto belongs to the auto recipe (its lower backbone LR)
+        explicit = resolve_recipe(recipe_config(strategy=strategy), 100)
+        assert (explicit.strategy, explicit.freeze_bn, explicit.backbone_lr) == (strategy, False, None)
+
+
+def test_auto_recipe_in_training_warms_the_head_up_then_trains_the_backbone_slower(image_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    weights = tmp_path / "pretrained.pt"  # any weights file makes the backbone "pretrained"
+    torch.save(mobilenet_v2().state_dict(), weights)
+    rec = Recorder()
+    image_run(image_dir, tmp_path, {"strategy": "auto", "schedule": "constant"}, rec, model={"pretrained": str(weights)},
+              max_epochs=2, limit_train_batches=2, lr=3e-3)
+    keys = backbone_keys(rec.start[0])
+    assert rec.trainable_layers[0] == [False] * 19 and rec.trainable_layers[1] == [True] * 19
+    assert changed(rec.start[0], rec.end[0], keys) == []  # epoch 0: the head alone
+    assert len(changed(rec.start[1], rec.end[1], conv_weights(rec.start[1]))) == 52
+    assert changed(rec.start[0], rec.end[1], bn_stats(rec.start[0])) == []  # pretrained statistics kept
+    assert not any(rec.bn_training[1])
+    lrs = dict(zip(rec.final["names"], rec.final["lrs"]))
+    assert lrs["head/decay"] == pytest.approx(3e-3)
+    assert [lrs[f"layer{i}/decay"] for i in range(19)] == pytest.approx([3e-4] * 19)

@@ -125,7 +125,12 @@ class ModelConfig(_Section):
 class FinetuneConfig(_Section):
     """How the pretrained backbone is adapted: what trains when, at which learning rate, on what data."""
 
-    strategy: Literal["full", "freeze", "freeze_then_unfreeze", "gradual"] = "full"
+    strategy: Literal["full", "freeze", "freeze_then_unfreeze", "gradual", "auto"] = Field(
+        "full", description="auto: pretrained image backbone on < 5,000 training images -> freeze_then_unfreeze "
+                            "with backbone_lr = head LR x 0.1; otherwise full")
+    freeze_bn: bool | Literal["auto"] = Field(
+        "auto", description="true: backbone BatchNorms keep their pretrained running statistics while training; "
+                            "auto = true when strategy auto picks its small-data recipe")
     unfreeze_epoch: int = Field(1, ge=0, description="freeze_then_unfreeze/gradual: first epoch (0-based) "
                                                      "that trains backbone layers")
     unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing the next layer group")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from deepship.config import Config, parse_yaml
+from deepship.config import Config, FinetuneConfig, parse_yaml
 from deepship.errors import ConfigError, DataError, first_line
 from deepship.files import atomic_write_text, write_json
 from deepship.models.backbones import MODEL_CONFIG_DIR, TOKENIZER_DIR, Backbone, build_backbone, save_model_config
@@ -44,10 +44,12 @@ def loss_settings(cfg: Config, classes: list[str], train_labels: list[str]) -> d
 
 
 def build_module(cfg: Config, backbone: Backbone, classes: list[str], loss: dict[str, Any],
-                 data_fingerprint: str | None = None) -> ClassifierModule:
+                 data_fingerprint: str | None = None, finetune: FinetuneConfig | None = None) -> ClassifierModule:
+    """`finetune`: the recipe resolved for the training data (resolve_recipe); run_info keeps the config as
+    written, so a resume compares like with like."""
     run_info = {"config": cfg.model_dump(mode="json"), "labels": classes,
                 "preprocessing": backbone.preprocessing.to_dict(), "data_fingerprint": data_fingerprint}
-    f = cfg.finetune
+    f = finetune or cfg.finetune
     optim = optim_settings(lr=f.head_lr or cfg.train.lr, backbone_lr=f.backbone_lr or cfg.train.lr,
                            layer_decay=f.layer_decay, weight_decay=cfg.train.weight_decay, schedule=f.schedule,
                            warmup_ratio=f.warmup_ratio)

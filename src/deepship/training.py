@@ -36,7 +36,7 @@ from deepship.evaluation.evaluate import run_probe_section, write_run_report
 from deepship.files import remove_temp_files, write_json
 from deepship.models.backbones import Backbone, build_backbone
 from deepship.models.classifier import ClassifierModule
-from deepship.models.finetuning import FinetuningStrategy
+from deepship.models.finetuning import FinetuningStrategy, describe_recipe, resolve_recipe
 from deepship.run import (
     build_module,
     check_resume_config,
@@ -131,8 +131,8 @@ def build_callbacks(cfg: Config, run_dir: Path) -> list[Callback]:
     last = ModelCheckpoint(dirpath=run_dir, filename="last", save_top_k=1, save_last=False,
                            enable_version_counter=False)
     f = cfg.finetune
-    callbacks: list[Callback] = [best, last, FinetuningStrategy(f.strategy, f.unfreeze_epoch, f.unfreeze_every),
-                                 RngState()]
+    callbacks: list[Callback] = [best, last, FinetuningStrategy(f.strategy, f.unfreeze_epoch, f.unfreeze_every,
+                                                                f.freeze_bn is True), RngState()]
     if cfg.train.checkpoint_every_n_steps is not None:
         # Same file as `last`: a preempted long epoch loses at most N steps.
         callbacks.append(ModelCheckpoint(dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False,
@@ -253,16 +253,19 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     run_dir = prepare_run_dir(cfg, resuming=resume is not None or not writer)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     splits, report, backbone, data = prepare_data(cfg, run_dir, resume, writer)
+    recipe = resolve_recipe(cfg, len(splits.train))  # strategy/freeze_bn auto, for this training set
     module = build_module(cfg, backbone, splits.classes, loss_settings(cfg, splits.classes, splits.train.labels),
-                          report["fingerprint"])
+                          report["fingerprint"], recipe)
     throughput = ThroughputCallback()
     attention = AttentionBackend(cfg.train.sdpa_backend, data.typical_text_batch())
     steps = -(-len(splits.train) // cfg.train.batch_size)
     # attention before throughput: its measurement at train start is not training time
-    trainer = build_trainer(cfg, run_dir, [HistoryCallback(run_dir / "history.csv"), attention, throughput,
-                                           *extra_callbacks], steps)
+    trainer = build_trainer(cfg.model_copy(update={"finetune": recipe}), run_dir,
+                            [HistoryCallback(run_dir / "history.csv"), attention, throughput, *extra_callbacks], steps)
     if writer:
         print_header(trainer, splits, run_dir, resume)
+        if (line := describe_recipe(cfg.finetune, recipe)) is not None:
+            print(line, flush=True)
     fit_or_preempt(trainer, module, data, resume, run_dir)
     if not trainer.is_global_zero:
         return run_dir
