@@ -1,0 +1,1 @@
+"""Model selection: sweeps (Optuna), latency budget, cross-validation, learning curves, leaderboard."""
