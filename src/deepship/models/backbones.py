@@ -7,7 +7,6 @@ pretrained configs.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from deepship.config import DataConfig, ModelConfig, Task
-from deepship.errors import ConfigError, first_line
+from deepship.errors import ConfigError
 from deepship.runtime.preprocess import ImageSpec, TextSpec
 
 MINILM_ALIAS = "all-MiniLM-L6-v2"
@@ -33,88 +32,6 @@ class Backbone:
     tokenizer: Any = None  # text: the transformers fast tokenizer, saved with the run
     # Backbone layers bottom -> top (freezing, layer-wise LR); everything else in `net` is the head.
     layers: list[nn.Module] = field(default_factory=list)
-
-
-# -------------------------------------------------------------------------------------- image
-class ImageNet(nn.Module):
-    """Gives torchvision models the named-input call used everywhere: net(pixel_values=x)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values)  # (N, 3, H, W) -> (N, C)
-
-
-def _download_timeout(seconds: float):
-    """urllib has no timeout by default; an offline box must fail, not hang."""
-
-    class _Timeout:
-        def __enter__(self):
-            self.old = socket.getdefaulttimeout()
-            socket.setdefaulttimeout(seconds)
-
-        def __exit__(self, *exc):
-            socket.setdefaulttimeout(self.old)
-
-    return _Timeout()
-
-
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Weights from safetensors or a torch state_dict; never unpickles arbitrary objects."""
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ConfigError(f"model.pretrained: '{path}' is not a readable safetensors file "
-                              f"({first_line(exc, 160)}); re-save it with safetensors.torch.save_file") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError and friends: weights-only never runs pickled code
-        raise ConfigError(f"model.pretrained: cannot load '{path}' as a weights-only state_dict "
-                          f"({first_line(exc, 160)}); save it with torch.save(model.state_dict(), path) "
-                          "or as .safetensors") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.pretrained: '{path}' holds no state_dict")
-    return state
-
-
-def build_mobilenet_v2(cfg: ModelConfig, num_classes: int) -> Backbone:
-    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
-
-    if cfg.pretrained is True:
-        try:
-            with _download_timeout(30):
-                model = mobilenet_v2(weights=MobileNet_V2_Weights.IMAGENET1K_V1)
-        except Exception as exc:  # URLError, timeout, hash mismatch
-            raise ConfigError(
-                f"model.pretrained: cannot get ImageNet weights for mobilenet_v2 ({type(exc).__name__}); "
-                "set model.pretrained to a local state_dict file (e.g. mobilenet_v2-b0353104.pth) "
-                "or to false to train from scratch"
-            ) from None
-    else:
-        model = mobilenet_v2()
-        if isinstance(cfg.pretrained, str):
-            state = {k: v for k, v in load_state_dict_file(cfg.pretrained).items() if not k.startswith("classifier.")}
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if unexpected or [k for k in missing if not k.startswith("classifier.")]:
-                raise ConfigError(f"model.pretrained: '{cfg.pretrained}' does not match mobilenet_v2 "
-                                  f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
-    # New head for our classes: (N, 1280) -> (N, C)
-    model.classifier[1] = nn.Linear(model.last_channel, num_classes)
-    spec = ImageSpec.for_size(cfg.image_size or 224)
-    # features[0] is the stem, features[1..17] the inverted-residual blocks, features[18] the last 1x1 conv
-    return Backbone(ImageNet(model), "image", spec, channels_last=True, layers=list(model.features))
-
-
-IMAGE_BACKBONES: dict[str, Callable[[ModelConfig, int], Backbone]] = {
-    "mobilenet_v2": build_mobilenet_v2,
-}
 
 
 # --------------------------------------------------------------------------------------- text
@@ -183,7 +100,7 @@ def _hf_error(cfg: ModelConfig, exc: Exception) -> ConfigError:
     return ConfigError(
         f"model.backbone: cannot load Hugging Face model '{cfg.backbone}' ({type(exc).__name__}: "
         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); give a local model directory, '{MINILM_ALIAS}', "
-        f"or one of {sorted(IMAGE_BACKBONES)} for images"
+        "or, for images, a torchvision model name (docs/backbones.md)"
     )
 
 
@@ -282,13 +199,15 @@ def classification_head(net: nn.Module) -> nn.Module:
 
 def build_backbone(task: Task, cfg: ModelConfig, data: DataConfig, num_classes: int,
                    saved_run: Path | None = None) -> Backbone:
-    """`saved_run`: a run directory whose tokenizer and architecture config to use (weights come later)."""
+    """`saved_run`: a run directory whose tokenizer and architecture config to use (weights come later).
+    The task decides the modality: image = a torchvision model name, text = a Hugging Face id or directory."""
+    # imported here: image_backbones builds on Backbone, and text runs need no torchvision model registry
+    from deepship.models.image_backbones import build_image_backbone, is_image_backbone
+
     name = cfg.backbone
     if task == "image_classification":
-        if name not in IMAGE_BACKBONES:
-            raise ConfigError(f"model.backbone: unknown image backbone '{name}'; choose one of {sorted(IMAGE_BACKBONES)}")
-        return IMAGE_BACKBONES[name](cfg, num_classes)
-    if name in IMAGE_BACKBONES:
+        return build_image_backbone(cfg, num_classes)
+    if not Path(name).exists() and is_image_backbone(name):
         raise ConfigError(f"model.backbone: '{name}' is an image backbone but task is text_classification; "
                           f"use a Hugging Face encoder id, a local directory or '{MINILM_ALIAS}'")
     if isinstance(cfg.pretrained, str):
