@@ -16,6 +16,8 @@ from deepship import cli
 from deepship.config import ModelConfig, load_config
 from deepship.errors import ConfigError
 from deepship.models.backbones import build_backbone, classification_head
+from deepship.models.image_backbones import image_spec
+from deepship.runtime.preprocess import ImageSpec
 
 from conftest import export, image_config, read_json, write_config, write_image_folder
 
@@ -71,13 +73,17 @@ def test_head_and_layer_groups_follow_the_torchvision_definition(name: str) -> N
 
 def test_preprocessing_follows_the_weights_eval_transform() -> None:
     # torchvision's documented eval transforms: EfficientNet-B0 resize 256 bicubic / crop 224, ResNet-50 V2
-    # weights resize 232 / crop 224, ConvNeXt-T resize 236 / crop 224, MobileNetV3-S resize 256 / crop 224
-    specs = {n: build(n).preprocessing for n in ("efficientnet_b0", "resnet50", "convnext_tiny", "mobilenet_v3_small")}
+    # weights resize 232 / crop 224, ConvNeXt-T resize 236 / crop 224, MobileNetV3-S resize 256 / crop 224,
+    # MobileNetV2 V1 weights (pinned) resize 256 / crop 224
+    names = ("efficientnet_b0", "resnet50", "convnext_tiny", "mobilenet_v3_small", "mobilenet_v2")
+    specs = {n: image_spec(n, None) for n in names}
     assert [(s.image_size, s.resize_size, s.interpolation) for s in specs.values()] == \
-        [(224, 256, "bicubic"), (224, 232, "bilinear"), (224, 236, "bilinear"), (224, 256, "bilinear")]
+        [(224, 256, "bicubic"), (224, 232, "bilinear"), (224, 236, "bilinear"), (224, 256, "bilinear"),
+         (224, 256, "bilinear")]
     assert specs["resnet50"].mean == (0.485, 0.456, 0.406) and specs["resnet50"].std == (0.229, 0.224, 0.225)
     # an explicit size keeps the transform's resize/crop ratio: 64 * 256 / 224 = 73.1
-    assert build("efficientnet_b0", image_size=64).preprocessing.resize_size == 73
+    assert image_spec("efficientnet_b0", 64).resize_size == 73 and build("resnet18", image_size=40).preprocessing == \
+        ImageSpec(image_size=40, resize_size=46)  # ResNet-18 V1 weights: resize 256 / crop 224; 40 * 256 / 224 = 45.7
 
 
 class StartWeights(Callback):
@@ -124,6 +130,23 @@ def test_each_family_trains_two_steps_exports_and_passes_parity(name: str, small
 
 
 # ----------------------------------------------------------------------------------- weights
+@pytest.mark.parametrize("name, weights_file", [("resnet18", "resnet18-f37072fd.pth"),
+                                                ("efficientnet_b0", "efficientnet_b0_rwightman-7f5810bc.pth"),
+                                                ("mobilenet_v2", "mobilenet_v2-b0353104.pth")])
+def test_pretrained_true_offline_names_the_weights_file_to_fetch(name: str, weights_file: str, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached download to fall back on
+    monkeypatch.setattr("torch.hub.urlopen", offline)
+    with pytest.raises(ConfigError, match=rf"model.pretrained: cannot get ImageNet weights for {name} \(URLError\); "
+                                          rf"set model.pretrained to a local state_dict file \(e.g. {weights_file}\)"):
+        build_backbone("image_classification", ModelConfig(backbone=name, pretrained=True), None, 3)
+
+
 def test_a_local_safetensors_file_with_the_familys_keys_loads(tmp_path: Path) -> None:
     from safetensors.torch import save_file
     from torchvision.models import regnet_y_400mf

@@ -7,7 +7,6 @@ pretrained configs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,22 +15,13 @@ from torch import nn
 
 from deepship.config import DataConfig, ModelConfig, Task
 from deepship.errors import ConfigError
-from deepship.runtime.preprocess import ImageSpec, TextSpec
+from deepship.models.backbone_base import Backbone, classification_head  # noqa: F401 (the head rule, imported from here)
+from deepship.models.image_backbones import build_image_backbone, is_image_backbone
+from deepship.runtime.preprocess import TextSpec
 
 MINILM_ALIAS = "all-MiniLM-L6-v2"
 # A text run's own copies (run directory): the tokenizer it trained with and its architecture's HF config.
 TOKENIZER_DIR, MODEL_CONFIG_DIR = "tokenizer", "model_config"
-
-
-@dataclass
-class Backbone:
-    net: nn.Module  # forward(**inputs) -> logits (N, C)
-    modality: str  # "image" | "text"
-    preprocessing: ImageSpec | TextSpec
-    channels_last: bool = False  # CNNs run faster in NHWC on GPUs
-    tokenizer: Any = None  # text: the transformers fast tokenizer, saved with the run
-    # Backbone layers bottom -> top (freezing, layer-wise LR); everything else in `net` is the head.
-    layers: list[nn.Module] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------- text
@@ -191,19 +181,10 @@ def save_model_config(backbone: Backbone, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ entry
-def classification_head(net: nn.Module) -> nn.Module:
-    """The net's last Linear: its input is the pooled embedding (exported for the monitor, probed by the
-    linear-probe baseline)."""
-    return [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
-
-
 def build_backbone(task: Task, cfg: ModelConfig, data: DataConfig, num_classes: int,
                    saved_run: Path | None = None) -> Backbone:
     """`saved_run`: a run directory whose tokenizer and architecture config to use (weights come later).
     The task decides the modality: image = a torchvision model name, text = a Hugging Face id or directory."""
-    # imported here: image_backbones builds on Backbone, and text runs need no torchvision model registry
-    from deepship.models.image_backbones import build_image_backbone, is_image_backbone
-
     name = cfg.backbone
     if task == "image_classification":
         return build_image_backbone(cfg, num_classes)

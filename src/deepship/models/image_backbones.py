@@ -18,11 +18,11 @@ from typing import Any, Mapping
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import get_model, get_model_weights, list_models
+from torchvision.models import WeightsEnum, get_model, get_model_weights, list_models
 
 from deepship.config import ModelConfig
 from deepship.errors import ConfigError, first_line
-from deepship.models.backbones import Backbone
+from deepship.models.backbone_base import Backbone, classification_head_name
 from deepship.runtime.preprocess import ImageSpec
 
 
@@ -52,6 +52,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("inception", ("googlenet", "inception_"), None, None, False, {"aux_logits": False, "init_weights": False}),
 )
 GENERIC = Family("generic", (), None, None, False)
+# `pretrained: true` takes each model's DEFAULT torchvision weights, except where pinned here. mobilenet_v2, the
+# default backbone, keeps the V1 weights it has always used: its documented measurements, its offline weights
+# file (mobilenet_v2-b0353104.pth) and its eval transform (resize 256) are V1's; DEFAULT is V2 (resize 232).
+PINNED_WEIGHTS = {"mobilenet_v2": "IMAGENET1K_V1"}
 TRUNK_MIN_BLOCKS = 4  # generic rule: a Sequential/ModuleList child with this many weighted blocks is a trunk
 
 
@@ -91,10 +95,15 @@ def family_of(name: str) -> Family:
 
 
 # ---------------------------------------------------------------------------- preprocessing
+def imagenet_weights(name: str) -> WeightsEnum:
+    enum = get_model_weights(name)
+    return enum[PINNED_WEIGHTS[name]] if name in PINNED_WEIGHTS else enum.DEFAULT
+
+
 def image_spec(name: str, image_size: int | None) -> ImageSpec:
-    """The eval transform of the model's DEFAULT torchvision weights (crop, resize, interpolation); a
-    model.image_size keeps that transform's resize/crop ratio."""
-    weights = get_model_weights(name).DEFAULT
+    """The eval transform of the model's ImageNet weights (crop, resize, interpolation); a model.image_size
+    keeps that transform's resize/crop ratio."""
+    weights = imagenet_weights(name)
     keywords = weights.transforms.keywords  # functools.partial of torchvision's ImageClassification
     crop = int(keywords["crop_size"])
     resize = int(keywords.get("resize_size", 256))  # ImageClassification's own default
@@ -124,10 +133,10 @@ class _DownloadTimeout:
 
 
 def load_torchvision_model(name: str, family: Family, pretrained: bool) -> nn.Module:
-    """The ImageNet model (1000 classes), with its DEFAULT weights when `pretrained`."""
+    """The ImageNet model (1000 classes), with its ImageNet weights when `pretrained`."""
     if not pretrained:
         return get_model(name, **family.build_kwargs)
-    weights = get_model_weights(name).DEFAULT
+    weights = imagenet_weights(name)
     try:
         with _DownloadTimeout(30):
             return get_model(name, weights=weights, **family.build_kwargs)
@@ -139,13 +148,13 @@ def load_torchvision_model(name: str, family: Family, pretrained: bool) -> nn.Mo
         ) from None
 
 
-def last_linear(model: nn.Module, name: str) -> str:
-    """Qualified name of the model's last Linear: the classifier deepship replaces and exports embeddings of."""
-    linears = [path for path, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
+def head_name(model: nn.Module, name: str) -> str:
+    """The Linear deepship replaces: the model's last one (its classifier)."""
+    head = classification_head_name(model)
+    if head is None:
         raise ConfigError(f"model.backbone: '{name}' has no Linear classifier (its head is a convolution); "
                           "choose another model (docs/backbones.md)")
-    return linears[-1]
+    return head
 
 
 def replace_head(model: nn.Module, head: str, num_classes: int) -> None:
@@ -245,7 +254,7 @@ def build_image_backbone(cfg: ModelConfig, num_classes: int) -> Backbone:
     spec = image_spec(name, cfg.image_size)
     family = family_of(name)
     model = load_torchvision_model(name, family, cfg.pretrained is True)
-    head = last_linear(model, name)
+    head = head_name(model, name)
     paths = group_paths(model, family, family.head or head.split(".", 1)[0])
     if isinstance(cfg.pretrained, str):
         load_weights_file(model, cfg.pretrained, name, tuple(f"{p}." for group in paths for p in group))
