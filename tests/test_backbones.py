@@ -48,8 +48,8 @@ CASES = {c.name: c for c in (
 
 
 def build(name: str, num_classes: int = 3, **model: object):
-    return build_backbone("image_classification", ModelConfig(backbone=name, pretrained=False, **model), None,
-                          num_classes)
+    return build_backbone("image_classification", ModelConfig(**{"backbone": name, "pretrained": False, **model}),
+                          None, num_classes)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -209,5 +209,13 @@ def test_generic_models_get_their_last_linear_replaced_and_their_top_level_block
     assert len(backbone.layers) == 1 + 4 + 8 + 4 + 1
     assert [id(p) for g in backbone.layers for p in g.parameters()] == \
         [id(p) for n, p in model.named_parameters() if not n.startswith("fc.")]
-    googlenet = build("googlenet").net.train()  # its auxiliary classifiers off: training returns plain logits
-    assert googlenet(pixel_values=torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_googlenet_trains_its_main_head_and_loads_a_file_with_auxiliary_classifiers(tmp_path: Path) -> None:
+    from torchvision.models import googlenet
+
+    source = googlenet(aux_logits=True, init_weights=False)  # as torchvision's ImageNet file: aux1, aux2 included
+    torch.save(source.state_dict(), tmp_path / "googlenet.pth")
+    net = build("googlenet", pretrained=str(tmp_path / "googlenet.pth")).net
+    assert torch.equal(net.model.inception5b.branch1.conv.weight, source.inception5b.branch1.conv.weight)
+    assert net.train()(pixel_values=torch.zeros(2, 3, 64, 64)).shape == (2, 3)  # plain logits, no aux tuple

@@ -12,8 +12,9 @@ import difflib
 import socket
 import sys
 from dataclasses import dataclass, field
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torchvision
@@ -38,6 +39,8 @@ class Family:
     groups: tuple[str, ...] | None
     channels_last: bool  # convolutions run faster in NHWC on GPUs (tensor cores)
     build_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra arguments for the torchvision builder
+    # attributes set on the built model: what the builder itself does for an argument it refuses with weights
+    set_attributes: Mapping[str, Any] = field(default_factory=dict)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -47,9 +50,13 @@ FAMILIES: tuple[Family, ...] = (
            ("conv1+bn1", "layer1", "layer2", "layer3", "layer4"), True),
     Family("convnext", ("convnext_",), "classifier", ("features.*",), True),
     Family("regnet", ("regnet_",), "fc", ("stem", "trunk_output.*"), True),
-    # auxiliary classifiers make the training forward return a tuple (the main head is what deepship trains);
-    # init_weights False: PyTorch's default init instead of the slow truncated-normal one (pretrained: unused)
-    Family("inception", ("googlenet", "inception_"), None, None, False, {"aux_logits": False, "init_weights": False}),
+    # Auxiliary classifiers make the training forward return a tuple: off (deepship trains the main head). The
+    # builders refuse aux_logits=False with weights and then drop them the same way. init_weights False: PyTorch's
+    # default init instead of the slow truncated-normal one (with weights the builders use False too).
+    Family("googlenet", ("googlenet",), None, None, False, {"init_weights": False},
+           {"aux_logits": False, "aux1": None, "aux2": None}),
+    Family("inception", ("inception_",), None, None, False, {"init_weights": False},
+           {"aux_logits": False, "AuxLogits": None}),
 )
 GENERIC = Family("generic", (), None, None, False)
 # `pretrained: true` takes each model's DEFAULT torchvision weights, except where pinned here. mobilenet_v2, the
@@ -118,34 +125,36 @@ def image_spec(name: str, image_size: int | None) -> ImageSpec:
 
 
 # ---------------------------------------------------------------------------------- building
-class _DownloadTimeout:
+@contextmanager
+def download_timeout(seconds: float) -> Iterator[None]:
     """urllib has no timeout by default; an offline box must fail, not hang."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def __enter__(self) -> None:
-        self.old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(self.seconds)
-
-    def __exit__(self, *exc: Any) -> None:
-        socket.setdefaulttimeout(self.old)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
 
 
-def load_torchvision_model(name: str, family: Family, pretrained: bool) -> nn.Module:
-    """The ImageNet model (1000 classes), with its ImageNet weights when `pretrained`."""
-    if not pretrained:
-        return get_model(name, **family.build_kwargs)
+def download_pretrained(name: str, family: Family) -> nn.Module:
     weights = imagenet_weights(name)
     try:
-        with _DownloadTimeout(30):
+        with download_timeout(30):
             return get_model(name, weights=weights, **family.build_kwargs)
-    except Exception as exc:  # URLError, timeout, hash mismatch
+    except (OSError, RuntimeError) as exc:  # URLError, timeout, hash mismatch
         raise ConfigError(
             f"model.pretrained: cannot get ImageNet weights for {name} ({type(exc).__name__}); set "
             f"model.pretrained to a local state_dict file (e.g. {weights.url.rsplit('/', 1)[-1]}) "
             "or to false to train from scratch"
         ) from None
+
+
+def load_torchvision_model(name: str, family: Family, pretrained: bool) -> nn.Module:
+    """The ImageNet model (1000 classes), with its ImageNet weights when `pretrained`."""
+    model = download_pretrained(name, family) if pretrained else get_model(name, **family.build_kwargs)
+    for attribute, value in family.set_attributes.items():
+        setattr(model, attribute, value)
+    return model
 
 
 def head_name(model: nn.Module, name: str) -> str:
@@ -225,10 +234,13 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights_file(model: nn.Module, path: str, name: str, backbone: tuple[str, ...]) -> None:
+def load_weights_file(model: nn.Module, path: str, name: str, backbone: tuple[str, ...],
+                      dropped: tuple[str, ...] = ()) -> None:
     """Every backbone weight must come from the file (`backbone`: the layer groups' key prefixes); head weights
-    of another shape (a classifier for other classes) are skipped with a note, missing ones stay as built."""
-    state, own = load_state_dict_file(path), model.state_dict()
+    of another shape (a classifier for other classes) are skipped with a note, missing ones stay as built.
+    `dropped`: key prefixes of submodules the family removes (auxiliary classifiers), ignored in the file."""
+    own = model.state_dict()
+    state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(dropped)}
     other_shape = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in other_shape if k.startswith(backbone)]
     missing = [k for k in own if k not in state and k.startswith(backbone)]
@@ -257,7 +269,8 @@ def build_image_backbone(cfg: ModelConfig, num_classes: int) -> Backbone:
     head = head_name(model, name)
     paths = group_paths(model, family, family.head or head.split(".", 1)[0])
     if isinstance(cfg.pretrained, str):
-        load_weights_file(model, cfg.pretrained, name, tuple(f"{p}." for group in paths for p in group))
+        dropped = tuple(f"{attribute}." for attribute, value in family.set_attributes.items() if value is None)
+        load_weights_file(model, cfg.pretrained, name, tuple(f"{p}." for group in paths for p in group), dropped)
     replace_head(model, head, num_classes)
     return Backbone(ImageNet(model), "image", spec, channels_last=family.channels_last,
                     layers=group_modules(model, paths))
