@@ -11,8 +11,8 @@ from __future__ import annotations
 import difflib
 import socket
 import sys
-from dataclasses import dataclass, field
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
