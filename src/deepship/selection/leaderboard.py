@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from deepship.files import atomic_write_text, finite
+# pareto_front is part of this module's API; it lives beside the plot that draws it
+from deepship.selection.leaderboard_html import backbone_of, pareto_front, render_leaderboard_html  # noqa: F401
 from deepship.selection.records import TrialRecord
 
 if TYPE_CHECKING:
@@ -33,24 +35,6 @@ def rank_records(records: Sequence[TrialRecord]) -> list[TrialRecord]:
         return STATE_ORDER.get(r.state, len(STATE_ORDER)), -value, r.number
 
     return sorted(records, key=key)
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices (ascending) of the (metric, latency) points no other point dominates; higher metric and lower
-    latency are better, and a dominating point is at least as good in both and better in one. Identical
-    points do not dominate each other, so all of them stay on the front."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0]))
-    front: list[int] = []
-    best = -math.inf
-    for i in order:  # by latency: a point is on the front if it beats every faster point's metric
-        if points[i][0] > best or (front and points[i] == points[front[-1]]):
-            front.append(i)
-            best = points[i][0]
-    return sorted(front)
-
-
-def backbone_of(record: TrialRecord) -> str | None:
-    return record.backbone or record.params.get("model.backbone")
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -132,13 +116,12 @@ def markdown_text(ranked: Sequence[TrialRecord], metric: str) -> str:
 def write_leaderboard(sweep_dir: Path, records: list[TrialRecord], metric: str,
                       study: "optuna.Study | None" = None) -> list[TrialRecord]:
     """Write the four leaderboard files into `sweep_dir` (each atomically) and return the ranked records."""
-    from deepship.selection.leaderboard_html import render_leaderboard_html
-
     ranked = rank_records(records)
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / "leaderboard.csv", csv_text(ranked))
     atomic_write_text(sweep_dir / "leaderboard.json", json_text(ranked, metric))
     atomic_write_text(sweep_dir / "leaderboard.md", markdown_text(ranked, metric))
-    atomic_write_text(sweep_dir / "leaderboard.html", render_leaderboard_html(ranked, metric, study))
+    atomic_write_text(sweep_dir / "leaderboard.html", render_leaderboard_html(
+        ranked, metric, study, describe_best(ranked), headers(metric), display_rows(ranked)))
     return ranked

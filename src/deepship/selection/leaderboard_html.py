@@ -8,11 +8,28 @@ import math
 from typing import TYPE_CHECKING, Sequence
 
 from deepship.htmlpage import esc, figure_tag, page, pyplot, table
-from deepship.selection.leaderboard import backbone_of, describe_best, display_rows, headers, pareto_front
 from deepship.selection.records import TrialRecord
 
 if TYPE_CHECKING:
     import optuna
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices (ascending) of the (metric, latency) points no other point dominates; higher metric and lower
+    latency are better, and a dominating point is at least as good in both and better in one. Identical
+    points do not dominate each other, so all of them stay on the front."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0]))
+    front: list[int] = []
+    best = -math.inf
+    for i in order:  # by latency: a point is on the front if it beats every faster point's metric
+        if points[i][0] > best or (front and points[i] == points[front[-1]]):
+            front.append(i)
+            best = points[i][0]
+    return sorted(front)
+
+
+def backbone_of(record: TrialRecord) -> str | None:
+    return record.backbone or record.params.get("model.backbone")
 
 
 def _complete(ranked: Sequence[TrialRecord]) -> list[TrialRecord]:
@@ -122,9 +139,10 @@ def plot_backbones(ranked: Sequence[TrialRecord], metric: str) -> str:
     return f"<h2>{esc(title)}</h2>" + figure_tag(fig, title)
 
 
-def render_leaderboard_html(ranked: Sequence[TrialRecord], metric: str, study: "optuna.Study | None") -> str:
-    body = (f"<h1>Leaderboard: {esc(metric)} (higher is better)</h1><p>{esc(describe_best(ranked))}</p>"
-            + table(headers(metric), display_rows(ranked))
+def render_leaderboard_html(ranked: Sequence[TrialRecord], metric: str, study: "optuna.Study | None", summary: str,
+                            headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """The page: `summary` (the best trial in a line) and the ranked table's `headers` and `rows`, then the plots."""
+    body = (f"<h1>Leaderboard: {esc(metric)} (higher is better)</h1><p>{esc(summary)}</p>" + table(headers, rows)
             + plot_latency(ranked, metric) + plot_history(ranked, metric) + plot_importances(ranked, study)
             + plot_backbones(ranked, metric))
     return page(f"deepship leaderboard: {metric}", body)

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from deepship.config import Config, load_config
 from deepship.errors import ConfigError
+from deepship.selection.learning_curve_report import Z95, write_curve
 
 if TYPE_CHECKING:
     import torch
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 FRACTIONS_HINT = "give increasing shares in (0, 1] separated by commas, e.g. 0.1,0.25,0.5,1.0"
 
 
@@ -174,8 +174,6 @@ def judge(points: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
 
 def learning_curve(config: str | Path, overrides: Sequence[str], options: CurveOptions) -> dict[str, Any]:
     """Train every (fraction, seed), score, judge, and write learning_curve.{json,csv,html}; returns the result."""
-    from deepship.selection.learning_curve_report import write_curve
-
     started = time.perf_counter()
     out = Path(options.out) if options.out is not None else default_out(load_config(config, overrides))
     plans = plan_runs(config, overrides, options, out)  # every config validated before the first run

@@ -10,8 +10,8 @@ from typing import Any
 
 from deepship.files import atomic_write_text, finite
 from deepship.htmlpage import esc, figure_tag, page, pyplot, table
-from deepship.selection.learning_curve import Z95
 
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
 CSV_FIELDS = ["fraction", "seed", "n_train", "train_value", "train_ci_low", "train_ci_high", "val_value",
               "val_ci_low", "val_ci_high", "train_time_s", "epochs", "run_dir"]
 
