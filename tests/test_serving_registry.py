@@ -22,6 +22,7 @@ from deepship.cli import main as serve_main
 from deepship.registry import open_registry
 from deepship.runtime.predictor import Predictor
 
+from conftest import FORBIDDEN_IN_RUNTIME
 from test_serving import POS, free_port, get_json, metric_samples, relabelled_package, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +163,28 @@ def test_package_and_model_are_exclusive_and_registry_needs_model(registry: Path
     assert serve_main(["serve", "--package", str(text_package), "--registry", str(registry)]) == 2
     assert capsys.readouterr().err.strip() == ("error: --registry goes with --model registry:NAME@ALIAS, "
                                                "not with --package")
+
+
+TORCH_FREE_CHECK = """
+import asyncio, json, sys
+import httpx
+from deepship.serving.alias import parse_model_option
+from deepship.serving.app import create_app
+app = create_app(parse_model_option(sys.argv[1], sys.argv[2]))
+async def main():
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return (await client.post("/v1/predict", json={"inputs": ["a great film"]})).json()["registry_version"]
+answered_by = asyncio.run(main())
+forbidden = json.loads(sys.argv[3])
+loaded = sorted(m for m in sys.modules if any(m == f or m.startswith(f + ".") for f in forbidden))
+print(json.dumps({"answered_by": answered_by, "loaded": loaded}))
+"""
+
+
+def test_serving_from_a_registry_imports_no_torch(registry: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE_CHECK, f"registry:{NAME}@production", str(registry),
+                             json.dumps([*FORBIDDEN_IN_RUNTIME, "deepship.config"])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answered_by": f"{NAME}:1", "loaded": []}

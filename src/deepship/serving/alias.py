@@ -126,13 +126,19 @@ class AliasDeployment:
                 pass
 
     async def watch(self) -> None:
+        last_problem = None
         while True:
             await asyncio.sleep(self.state.settings.watch_interval_s)
             try:
                 await self.check()
-            except Exception:  # noqa: BLE001 - a registry hiccup must not end the watch (or the server)
-                logger.exception("registry watch of %s failed; trying again in %.1f s", self.model.ref,
-                                 self.state.settings.watch_interval_s)
+                last_problem = None
+            except (DeepshipError, OSError) as exc:  # e.g. the registry unmounted: say so once, keep polling
+                if str(exc) != last_problem:
+                    logger.warning("registry: cannot read alias %s (%s); still serving %s, polling on",
+                                   self.model.ref, exc, self.state.version())
+                last_problem = str(exc)
+            except Exception:  # noqa: BLE001 - a bug here must not end the watch (or the server)
+                logger.exception("registry watch of %s failed; polling on", self.model.ref)
 
     async def check(self) -> None:
         """One poll: if the alias moved since the last poll, deploy its new target (once)."""
@@ -181,4 +187,4 @@ class AliasDeployment:
 
     def describe(self) -> dict[str, Any]:
         """For /v1/model: what the alias points at now and, when it is not what is served, why."""
-        return {"ref": self.model.ref, "alias_target": self.seen, "refused": self.refused}
+        return {"ref": self.model.ref, "alias_target": self.seen if self.model.alias else None, "refused": self.refused}
