@@ -21,12 +21,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
 from deepship.errors import ConfigError, DeepshipError
 from deepship.serving.schemas import ApiError
+
+if TYPE_CHECKING:
+    from deepship.registry import Registry, VersionInfo
 
 logger = logging.getLogger("deepship.serving")
 
@@ -79,14 +82,14 @@ def parse_model_option(text: str, registry: str | None, host: str = "127.0.0.1",
     return RegistryModel(str(registry or default_registry_uri()), ref.name, ref.alias, ref.version, host, port)
 
 
-def lineage_summary(info: Any) -> dict[str, Any]:
+def lineage_summary(info: VersionInfo) -> dict[str, Any]:
     """The few lineage facts an operator needs at a glance; the registry holds the rest."""
     lineage = info.lineage or {}
     return {"data_fingerprint": lineage.get("data_fingerprint"), "run_dir": lineage.get("run_dir"),
             "package_sha256": info.sha256, "registered_at": info.created}
 
 
-def resolve_model(registry: Any, model: RegistryModel, version: int | None = None) -> tuple[Path, RegistryOrigin]:
+def resolve_model(registry: Registry, model: RegistryModel, version: int | None = None) -> tuple[Path, RegistryOrigin]:
     """The verified package folder of `version` (default: what `model` names now) and its origin."""
     ref = f"{model.name}:{version}" if version is not None else model.ref
     info = registry.resolve(ref)
@@ -97,8 +100,8 @@ class AliasDeployment:
     """Serves `model` from its registry: resolves it at startup and, for an alias, follows its moves."""
 
     def __init__(self, model: RegistryModel, state: Any) -> None:
-        self.model, self.state = model, state
-        self.registry: Any = None
+        self.model, self.state = model, state  # a ServingState (state.py refers to this module: not imported here)
+        self.registry: Registry | None = None  # opened at start, off the event loop
         self.seen: int | None = None  # the alias target last acted on
         self.refused: dict[str, Any] | None = None  # {"version", "reason"} while the alias points at a broken one
         self._task: asyncio.Task | None = None

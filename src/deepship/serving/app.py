@@ -28,12 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepship.errors import DataError
 from deepship.runtime.predictor import Prediction
+from deepship.serving.alias import AliasDeployment, RegistryModel
 from deepship.serving.metrics import ObserveMiddleware, ServeMetrics, request_id_of
 from deepship.serving.modality import read_inputs
 from deepship.serving.predlog import log_path_for_worker
 from deepship.serving.requests import ParsedInput, parse_json_object
 from deepship.serving.schemas import ERRORS, PREDICT_BODY, ApiError, ErrorResponse, PredictResponse, error_response
-from deepship.serving.alias import AliasDeployment, RegistryModel
 from deepship.serving.settings import ServeSettings
 from deepship.serving.state import ModelSlot, ServingState, install_sighup
 
@@ -66,7 +66,8 @@ def create_app(model: str | Path | RegistryModel, settings: ServeSettings | None
     settings = settings or ServeSettings()
     metrics = ServeMetrics()
     registry_model = model if isinstance(model, RegistryModel) else None
-    state = ServingState("." if registry_model else model, settings, metrics)  # a registry's folder: at start
+    # a registry version's folder is known only once the lifespan has resolved it: AliasDeployment.start sets it
+    state = ServingState("." if registry_model else model, settings, metrics)
     deployment = AliasDeployment(registry_model, state) if registry_model else None
 
     @asynccontextmanager
