@@ -138,7 +138,9 @@ def test_a_tampered_version_is_refused_once_and_the_old_one_keeps_serving(served
     served["process"].terminate()
     assert served["process"].wait(timeout=60) is not None
     stderr = served["process"].stderr.read()
-    assert f"{NAME}@production moved to version 3, which failed to load" in stderr and "Traceback" not in stderr
+    v1 = Predictor.load(text_package).model_version
+    assert f"{NAME}@production moved to version 3, which failed to load (" in stderr and "Traceback" not in stderr
+    assert f"); still serving {NAME}:1 ({v1})" in stderr
 
 
 @pytest.mark.parametrize("model, fragment", [

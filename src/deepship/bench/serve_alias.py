@@ -45,6 +45,9 @@ def bench_alias_moves(package: str | Path, moves: int = 3, concurrency: int = 16
     rows = [{"kind": "serve_alias", "move": k + 1, "to_version": version, "watch_interval_s": watch_interval_s,
              "seconds_to_new_answers": seconds, **deploys.get(version, {})}
             for k, (version, seconds) in enumerate(load.pop("moves"))]
+    for row in rows:  # the goal: a move is answered within one poll interval plus the new version's load + warm-up
+        load_seconds = row.get("load_seconds")
+        row["goal_seconds"] = round(watch_interval_s + load_seconds, 3) if load_seconds is not None else None
     return [*rows, {"kind": "serve_alias", "moves": moves, "concurrency": concurrency, **load}]
 
 

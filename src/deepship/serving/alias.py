@@ -138,7 +138,7 @@ class AliasDeployment:
             except (DeepshipError, OSError) as exc:  # e.g. the registry unmounted: say so once, keep polling
                 if str(exc) != last_problem:
                     logger.warning("registry: cannot read alias %s (%s); still serving %s, polling on",
-                                   self.model.ref, exc, self.state.version())
+                                   self.model.ref, exc, self.serving())
                 last_problem = str(exc)
             except Exception:  # noqa: BLE001 - a bug here must not end the watch (or the server)
                 logger.exception("registry watch of %s failed; polling on", self.model.ref)
@@ -150,7 +150,7 @@ class AliasDeployment:
             return
         self.seen, self.refused = target, None
         if target is None:
-            logger.warning("registry: alias %s was removed; still serving %s", self.model.ref, self.state.version())
+            logger.warning("registry: alias %s was removed; still serving %s", self.model.ref, self.serving())
             return
         await self.deploy(target)
 
@@ -167,13 +167,20 @@ class AliasDeployment:
             reason = exc.message if isinstance(exc, ApiError) else str(exc)
             self.refused = {"version": version, "reason": reason}
             logger.warning("registry: %s moved to version %d, which failed to load (%s); still serving %s",
-                           self.model.ref, version, reason, self.state.version())
+                           self.model.ref, version, reason, self.serving())
             await self.log_event("deploy_failed", version, reason=reason)
             return
-        logger.warning("registry: %s moved to version %d: now serving %s (previous %s)", self.model.ref, version,
-                       self.state.version(), before)
+        logger.warning("registry: %s moved to version %d: now serving %s, previous %s:%s", self.model.ref, version,
+                       self.serving(), self.model.name, before)
         # load_seconds: verify + load + warm-up (0 for a rollback); the rest of a move's delay is the poll's wait
         await self.log_event("deploy", version, load_seconds=round(time.perf_counter() - started, 3), **{"from": before})
+
+    def serving(self) -> str:
+        """The served model for a log line: `name:N (package version)`, or the package version alone."""
+        current = self.state.current
+        if current is None:
+            return "nothing"
+        return f"{current.origin.tag} ({current.version})" if current.origin else current.version
 
     def served_version(self) -> int | None:
         current = self.state.current
