@@ -46,7 +46,7 @@ def served(registry: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
     log = tmp_path / "preds.jsonl"
     command = [sys.executable, str(REPO / "scripts" / "serve.py"), "--model", f"registry:{NAME}@production",
                "--registry", str(registry), "--port", str(port), "--watch-interval", "0.2", "--log", str(log),
-               "--admin", "--no-access-log"]
+               "--no-access-log"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -108,8 +108,8 @@ def test_alias_moves_are_deployed_with_events_and_every_answer_names_its_version
     served["process"].terminate()
     served["process"].wait(timeout=60)  # flushes the prediction log
     records = [json.loads(line) for line in served["log"].read_text().splitlines()]
-    tags = {r["registry_version"]: r["model_version"] for r in records}
-    assert tags == {f"{NAME}:1": v1, f"{NAME}:2": f"{v1}-v2"}
+    pairs = {(r["registry_version"], r["model_version"], r["label"].endswith("-v2")) for r in records}
+    assert pairs == {(f"{NAME}:1", v1, False), (f"{NAME}:2", f"{v1}-v2", True)}  # each answer from the one it names
 
 
 def test_a_tampered_version_is_refused_once_and_the_old_one_keeps_serving(served: dict[str, Any],
