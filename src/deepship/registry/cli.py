@@ -75,7 +75,7 @@ def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def open_from(args: argparse.Namespace):  # -> Registry
-    from deepship.registry.base import open_registry
+    from deepship.registry.backends import open_registry
 
     return open_registry(args.registry)
 
