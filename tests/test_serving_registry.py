@@ -190,3 +190,17 @@ def test_serving_from_a_registry_imports_no_torch(registry: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answered_by": f"{NAME}:1", "loaded": []}
+
+
+def test_the_alias_bench_times_each_move_from_the_registry_log() -> None:
+    from deepship.bench.serve_alias import deploy_timings
+
+    events = [{"event": "alias", "alias": "production", "from": None, "to": 1, "ts": "2026-01-01T00:00:00+00:00"},
+              {"event": "deploy", "version": 1, "load_seconds": 1.5, "ts": "2026-01-01T00:00:02+00:00"},
+              {"event": "alias", "alias": "challenger", "from": None, "to": 2, "ts": "2026-01-01T00:00:03+00:00"},
+              {"event": "alias", "alias": "production", "from": 1, "to": 2, "ts": "2026-01-01T00:00:10+00:00"},
+              {"event": "deploy_failed", "version": 2, "ts": "2026-01-01T00:00:11+00:00"},
+              {"event": "alias", "alias": "production", "from": 2, "to": 3, "ts": "2026-01-01T00:00:20.250000+00:00"},
+              {"event": "deploy", "version": 3, "load_seconds": 2.0, "ts": "2026-01-01T00:00:23.500000+00:00"}]
+    assert deploy_timings(events) == {1: {"seconds_to_deploy_event": 2.0, "load_seconds": 1.5},
+                                      3: {"seconds_to_deploy_event": 3.25, "load_seconds": 2.0}}
