@@ -17,7 +17,8 @@ HELP = {
     "data": "validation of N text rows vs reading them",
     "finetune": "strategies on rt-polarity (--data DIR) with MiniLM vs TF-IDF",
     "export": "fp32 vs int8 packages of MiniLM on rt-polarity (--data DIR)",
-    "serve": "HTTP load test of --package on loopback, batching on vs off",
+    "serve": "HTTP load test of --package on loopback, batching on vs off (or, with --alias-moves N, "
+             "a server following a registry alias that moves N times under load)",
     "monitor": "monitor a 1M-line prediction log of --package",
     "train": "toolkit training step vs a plain PyTorch loop on in-memory tensors",
     "runtime": "batch-1 onnxruntime (--package) vs torch eager (--run) on CPU",
@@ -69,6 +70,9 @@ def add_serve_options(bench: argparse.ArgumentParser) -> None:
     group.add_argument("--requests", type=int, default=2000, help="serve: requests per level at most (default 2000)")
     group.add_argument("--batching", default="on,off", help="serve: modes to compare (default on,off)")
     group.add_argument("--items", type=int, default=1, help="serve: inputs per request (default 1)")
+    group.add_argument("--alias-moves", type=int, default=0, metavar="N",
+                       help="serve: instead, serve --package from a temporary registry by alias and move the alias "
+                            "N times under load, at the largest --concurrency, --duration seconds apart")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -137,8 +141,12 @@ def run_serve(args: argparse.Namespace) -> Rows:
     modes = [m.strip() for m in args.batching.split(",") if m.strip()]
     if not modes or set(modes) - {"on", "off"}:
         raise ConfigError(f"--batching {args.batching}: give on, off or on,off")
-    if args.duration <= 0 or args.requests < 1 or args.items < 1:
-        raise ConfigError("--duration, --requests and --items must be positive")
+    if args.duration <= 0 or args.requests < 1 or args.items < 1 or args.alias_moves < 0:
+        raise ConfigError("--duration, --requests and --items must be positive (--alias-moves at least 0)")
+    if args.alias_moves:
+        from deepship.bench.serve_alias import bench_alias_moves
+
+        return bench_alias_moves(package, args.alias_moves, max(levels), args.duration)
     from deepship.bench.serve import bench_serve
 
     return bench_serve(package, levels, modes, args.duration, args.requests, args.items)

@@ -32,7 +32,7 @@ def bench_serve(package: str | Path, concurrency: Sequence[int] = (1, 4, 16, 64)
     bodies = make_bodies(modality, items, count=64)
     rows = []
     for mode in modes:
-        with running_server(package, batching=mode == "on") as (url, pid):
+        with running_server(["--package", str(package)], batching=mode == "on") as (url, pid):
             for level in concurrency:
                 result = asyncio.run(load_level(url, bodies, level, duration_s, max_requests))
                 rows.append({"kind": "serve", "modality": modality.name, "batching": mode, "concurrency": level,
@@ -87,12 +87,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(package: str | Path, batching: bool, timeout_s: float = 120.0) -> Iterator[tuple[str, int]]:
-    """`deepship serve` in a child process on a free loopback port, until it says ready: (url, pid)."""
+def running_server(model_args: Sequence[str], batching: bool, timeout_s: float = 120.0) -> Iterator[tuple[str, int]]:
+    """`deepship serve MODEL_ARGS` (`--package DIR` or `--model ...`) in a child process on a free loopback port,
+    until it says ready: (url, pid)."""
     import httpx
 
     port = free_port()
-    command = [sys.executable, "-m", "deepship.cli", "serve", "--package", str(package), "--port", str(port),
+    command = [sys.executable, "-m", "deepship.cli", "serve", *model_args, "--port", str(port),
                "--no-access-log", "--set", f"batching={'true' if batching else 'false'}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -138,7 +139,7 @@ async def load_level(url: str, bodies: list[bytes], concurrency: int, duration_s
                 body = bodies[sent % len(bodies)]
                 sent += 1
                 t0 = time.perf_counter()
-                status = await post_raw(reader, writer, body)
+                status, _ = await post_raw(reader, writer, body)
                 latencies.append(time.perf_counter() - t0)
                 errors += status != 200
 
@@ -155,8 +156,8 @@ async def load_level(url: str, bodies: list[bytes], concurrency: int, duration_s
             "model_calls": int(calls), "mean_batch": round(inputs / calls, 2) if calls else None}
 
 
-async def post_raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> int:
-    """One HTTP/1.1 keep-alive POST /v1/predict; returns the status.
+async def post_raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 keep-alive POST /v1/predict; returns the status and the response body.
 
     Hand-rolled on purpose: on a 2-core box the load generator shares the cores with the server, and
     httpx spends several times more CPU per request than this, which would measure the client instead.
@@ -166,8 +167,8 @@ async def post_raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.lower().split(":", 1) for line in lines[1:] if ":" in line)
-    await reader.readexactly(int(headers["content-length"]))  # the app always sends Content-Length
-    return int(lines[0].split(" ", 2)[1])
+    reply = await reader.readexactly(int(headers["content-length"]))  # the app always sends Content-Length
+    return int(lines[0].split(" ", 2)[1]), reply
 
 
 async def batch_stats(url: str) -> tuple[float, float]:

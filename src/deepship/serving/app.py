@@ -11,6 +11,7 @@ is served normally. Models, reload and rollback live in deepship.serving.state.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepship.errors import DataError
 from deepship.runtime.predictor import Prediction
+from deepship.serving.alias import AliasDeployment, RegistryModel
 from deepship.serving.metrics import ObserveMiddleware, ServeMetrics, request_id_of
 from deepship.serving.modality import read_inputs
 from deepship.serving.predlog import log_path_for_worker
@@ -43,27 +45,41 @@ def prediction_json(p: Prediction, item: ParsedInput) -> dict[str, Any]:
             "truncated": item.truncated}
 
 
-def public_manifest(slot: ModelSlot, previous: ModelSlot | None) -> dict[str, Any]:
-    """The manifest minus file hashes and training paths (local details of the build host)."""
+def public_manifest(slot: ModelSlot, previous: ModelSlot | None,
+                    deployment: AliasDeployment | None = None) -> dict[str, Any]:
+    """The manifest minus file hashes and training paths (local details of the build host), plus, when serving
+    from a registry, the served version with its lineage and what the watched alias points at."""
     manifest = {k: v for k, v in slot.predictor.manifest.items() if k not in ("files", "config", "run")}
-    return {**manifest, "modality": slot.predictor.modality.name, "loaded_at": slot.loaded_at,
-            "previous_version": previous.version if previous else None}
+    described = {**manifest, "modality": slot.predictor.modality.name, "loaded_at": slot.loaded_at,
+                 "previous_version": previous.version if previous else None}
+    if deployment is not None:
+        registry = slot.origin.describe() if slot.origin else {"registry_version": None}
+        previous_origin = previous.origin if previous else None
+        described["registry"] = {**registry, **deployment.describe(),
+                                 "previous_registry_version": previous_origin.tag if previous_origin else None}
+    return described
 
 
-def create_app(package_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
-    """A FastAPI app serving the package at `package_dir`; the model loads when the app starts (lifespan)."""
+def create_app(model: str | Path | RegistryModel, settings: ServeSettings | None = None) -> FastAPI:
+    """A FastAPI app serving a package folder, or a registry reference (an alias is followed as it moves);
+    the model loads when the app starts (lifespan)."""
     settings = settings or ServeSettings()
     metrics = ServeMetrics()
-    state = ServingState(package_dir, settings, metrics)
+    registry_model = model if isinstance(model, RegistryModel) else None
+    # a registry version's folder is known only once the lifespan has resolved it: AliasDeployment.start sets it
+    state = ServingState("." if registry_model else model, settings, metrics)
+    deployment = AliasDeployment(registry_model, state) if registry_model else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.start()
+        await (deployment.start() if deployment else state.start())
         remove_handler = install_sighup(state)
         try:
             yield
         finally:
             remove_handler()
+            if deployment is not None:
+                await deployment.stop()
             await state.stop()
 
     app = FastAPI(title="deepship", description="Classify texts or images with a deepship model package.",
@@ -71,7 +87,7 @@ def create_app(package_dir: str | Path, settings: ServeSettings | None = None) -
     app.state.serving = state
     app.add_middleware(ObserveMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     add_error_handlers(app)
-    add_routes(app, state)
+    add_routes(app, state, deployment)
     if settings.admin:
         add_admin_routes(app, state)
     return app
@@ -103,7 +119,7 @@ def add_error_handlers(app: FastAPI) -> None:
                               "unexpected server error; the server log has the traceback for this request_id")
 
 
-def add_routes(app: FastAPI, state: ServingState) -> None:
+def add_routes(app: FastAPI, state: ServingState, deployment: AliasDeployment | None = None) -> None:
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY,
               summary="Classify texts (JSON) or images (JSON base64 or multipart upload)")
     async def predict(request: Request) -> Response:
@@ -121,12 +137,12 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
         request_id = request_id_of(request) or uuid.uuid4().hex
         state.record(slot, inputs, predictions, request_id, latency_ms)
         return JSONResponse({"predictions": [prediction_json(p, i) for p, i in zip(predictions, inputs)],
-                             "model_version": slot.version, "request_id": request_id})
+                             **slot.version_fields(), "request_id": request_id})
 
     @app.get("/v1/model", summary="The package manifest: version, labels, metrics, thresholds, preprocessing")
     async def model() -> dict[str, Any]:
         slot = state.serving_slot()
-        return public_manifest(slot, state.previous)
+        return public_manifest(slot, state.previous, deployment)
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -135,7 +151,7 @@ def add_routes(app: FastAPI, state: ServingState) -> None:
     @app.get("/readyz", summary="A model is loaded and warmed up", responses={503: {"model": ErrorResponse}})
     async def readyz() -> dict[str, Any]:
         slot = state.serving_slot()
-        return {"status": "ready", "model_version": slot.version}
+        return {"status": "ready", **slot.version_fields()}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
@@ -168,5 +184,7 @@ def create_app_from_env() -> FastAPI:
     workers = int(os.environ.get("DEEPSHIP_SERVE_WORKERS", "1"))
     if settings.log_path:
         settings = settings.model_copy(update={"log_path": str(log_path_for_worker(settings.log_path, workers))})
-    return create_app(os.environ["DEEPSHIP_SERVE_PACKAGE"], settings)
+    registry_model = os.environ.get("DEEPSHIP_SERVE_REGISTRY_MODEL")
+    model = RegistryModel(**json.loads(registry_model)) if registry_model else os.environ["DEEPSHIP_SERVE_PACKAGE"]
+    return create_app(model, settings)
 

@@ -44,6 +44,8 @@ class PredictionOut(BaseModel):
 class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
     model_version: str
+    registry_version: str | None = Field(None, description="NAME:VERSION in the model registry (only when serving "
+                                                           "--model registry:...)")
     request_id: str
 
 

@@ -46,6 +46,8 @@ class ServeSettings(BaseModel):
     admin: bool = Field(False, description="enable POST /admin/reload and /admin/rollback (trusted networks only)")
     warmup: bool = Field(True, description="run one prediction before /readyz says ready")
     graceful_timeout_s: float = Field(30.0, gt=0, description="shutdown: how long in-flight requests may take")
+    # serving a registry alias (--model registry:NAME@ALIAS): how often the alias is read for a new version
+    watch_interval_s: float = Field(2.0, gt=0, le=3600, description="seconds between reads of the served alias")
 
 
 def load_settings(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ServeSettings:

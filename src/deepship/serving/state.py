@@ -14,7 +14,7 @@ import signal
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from starlette.concurrency import run_in_threadpool
 
@@ -28,6 +28,9 @@ from deepship.serving.requests import ParsedInput
 from deepship.serving.schemas import ApiError
 from deepship.serving.settings import ServeSettings
 
+if TYPE_CHECKING:
+    from deepship.serving.alias import RegistryOrigin
+
 logger = logging.getLogger("deepship.serving")
 
 
@@ -39,11 +42,19 @@ class ModelSlot:
     modality: ServedModality
     batcher: MicroBatcher
     package_dir: Path
+    origin: RegistryOrigin | None = None  # set when the package was resolved from a model registry
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
     def version(self) -> str:
         return self.predictor.model_version
+
+    def version_fields(self) -> dict[str, str]:
+        """What answers and log records name the model by: the package's version, plus the registry's when there is one."""
+        fields = {"model_version": self.version}
+        if self.origin is not None:
+            fields["registry_version"] = self.origin.tag
+        return fields
 
 
 class ServingState:
@@ -57,11 +68,11 @@ class ServingState:
         self.predlog: PredictionLog | None = None
         self._swap = asyncio.Lock()  # one reload/rollback at a time
 
-    async def start(self) -> None:
+    async def start(self, origin: RegistryOrigin | None = None) -> None:
         if self.settings.log_path:
             self.predlog = PredictionLog(self.settings.log_path, self.settings.log_max_bytes, self.settings.log_backups,
                                          self.settings.log_queue_size, on_drop=self.metrics.log_dropped.inc)
-        self.current = await self.load(self.package_dir)
+        self.current = await self.load(self.package_dir, origin)
         self.metrics.model_info.labels(self.current.version).set(1)
         self.ready = True
 
@@ -74,7 +85,7 @@ class ServingState:
         if self.predlog is not None:
             await run_in_threadpool(self.predlog.close)
 
-    async def load(self, package_dir: Path) -> ModelSlot:
+    async def load(self, package_dir: Path, origin: RegistryOrigin | None = None) -> ModelSlot:
         # hashes + session take seconds: off the event loop; no spin-waiting threads (see build_session)
         predictor = await run_in_threadpool(Predictor.load, package_dir, spinning=False)
         modality = served_modality(predictor)
@@ -84,19 +95,24 @@ class ServingState:
         batcher = MicroBatcher(modality.batch_call(predictor), s.max_batch_size, s.max_wait_ms, s.batching,
                                on_batch=self.metrics.batch_size.observe)
         await batcher.start()
-        return ModelSlot(predictor, modality, batcher, Path(package_dir))
+        return ModelSlot(predictor, modality, batcher, Path(package_dir), origin)
 
     def serving_slot(self) -> ModelSlot:
         if not self.ready or self.current is None:
             raise ApiError(503, "not_ready", "the model is loading or the server is shutting down; retry shortly")
         return self.current
 
-    async def reload(self, package_dir: str | Path | None = None) -> dict[str, Any]:
-        """Load, warm up, then swap; a package that fails to load leaves the current model serving."""
+    async def reload(self, package_dir: str | Path | None = None, origin: RegistryOrigin | None = None) -> dict[str, Any]:
+        """Load, warm up, then swap; a package that fails to load leaves the current model serving.
+
+        Without a folder it reloads the current one, keeping its registry origin (the folder is the same version).
+        """
         async with self._swap:
             target = Path(package_dir) if package_dir else self.package_dir
+            if package_dir is None and self.current is not None:
+                origin = self.current.origin
             try:
-                slot = await self.load(target)
+                slot = await self.load(target, origin)
             except DeepshipError as exc:
                 self.metrics.reloads.labels("failed").inc()
                 raise ApiError(422, "reload_failed", f"{exc}; still serving {self.version()}") from None
@@ -153,7 +169,7 @@ class ServingState:
         records = []
         for index, (item, p) in enumerate(zip(inputs, predictions)):
             record = {"id": f"{request_id}:{index}", "label": p.label, "confidence": p.confidence, "probs": p.probs,
-                      "abstained": p.abstained, "model_version": slot.version, "latency_ms": round(latency_ms, 3),
+                      "abstained": p.abstained, **slot.version_fields(), "latency_ms": round(latency_ms, 3),
                       "ts": ts, "request_id": request_id, "input_stats": item.stats}
             if item.raw is not None:
                 record["input"] = item.raw
