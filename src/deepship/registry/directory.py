@@ -197,6 +197,7 @@ class DirectoryRegistry(Registry):
     def set_alias(self, name: str, alias: str, version: int, *, event: str = "alias", reason: str | None = None,
                   forced: bool = False, details: dict[str, Any] | None = None, actor: str | None = None) -> None:
         check_alias(alias)
+        self.existing_model_dir(name)  # an unknown model: ConfigError before a lock folder is made for it
         with self.lock(name):
             self.version_info(name, version, verify=False)  # unknown version: ConfigError, nothing moves
             aliases = self.aliases(name)
@@ -218,6 +219,7 @@ class DirectoryRegistry(Registry):
     def log_event(self, name: str, event: dict[str, Any], actor: str | None = None) -> dict[str, Any]:
         if "event" not in event:
             raise ConfigError(f"event {event!r}: needs an 'event' key naming its kind (e.g. deploy)")
+        self.existing_model_dir(name)
         with self.lock(name):
             path = self.existing_model_dir(name) / "events.jsonl"
             past = self.events(name)
