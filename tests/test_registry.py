@@ -263,7 +263,7 @@ def test_a_torn_event_line_is_ignored_and_cut_by_the_next_writer(reg: DirectoryR
 
 # ------------------------------------------------------------------------------- concurrency
 def hammer(root: str, package: str, worker: int, rounds: int) -> None:
-    reg = DirectoryRegistry(root)
+    reg = open_registry(root)
     mine = None
     for i in range(rounds):
         if i % 2 == 0:
