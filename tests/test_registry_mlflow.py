@@ -16,16 +16,16 @@ from typing import Iterator
 
 import pytest
 
+from deepship.errors import ConfigError, PackageError
+from deepship.registry import open_registry
+from deepship.registry.history import build_lineage, rollback
+from deepship.registry.mlflow import MlflowRegistry, parse_mlflow_uri  # imports mlflow only when a registry opens
+from test_registry import fake_package, run_cli, writable
+
+from conftest import FORBIDDEN_IN_RUNTIME, read_json
+
 for module in ("mlflow", "sqlalchemy", "alembic"):
     pytest.importorskip(module, reason=f'the MLflow registry backend needs {module}: pip install "deepship[mlflow]"')
-
-from conftest import FORBIDDEN_IN_RUNTIME, read_json  # noqa: E402
-from test_registry import fake_package, run_cli, writable  # noqa: E402
-
-from deepship.errors import ConfigError, PackageError  # noqa: E402
-from deepship.registry import open_registry  # noqa: E402
-from deepship.registry.history import build_lineage, rollback  # noqa: E402
-from deepship.registry.mlflow import MlflowRegistry, parse_mlflow_uri  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +206,7 @@ def test_mlflow_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         open_registry("mlflow+http://mlflow.example:5000")
     with pytest.raises(ConfigError, match="unsupported MLflow URI"):
         open_registry("mlflow+postgresql://db/registry")
-    with pytest.raises(ConfigError, match="name a database file"):
-        open_registry("mlflow+sqlite:///")
+    for no_file in ("mlflow+sqlite:///", "mlflow+sqlite://", "mlflow+sqlite://reg.db", "mlflow+sqlite:///:memory:"):
+        with pytest.raises(ConfigError, match="name a database file"):
+            open_registry(no_file)
     assert sorted(os.listdir(tmp_path)) == []

@@ -61,8 +61,8 @@ def parse_mlflow_uri(uri: str) -> tuple[str, Path]:
     store = query.pop("store", None)
     rest = urlencode(query)
     if parts.scheme == "sqlite":
-        raw = uri.removeprefix(PREFIX).removeprefix("sqlite:///").split("?", 1)[0]
-        if not raw or raw == ":memory:":
+        raw = uri.removeprefix(PREFIX).split("?", 1)[0].removeprefix("sqlite:///")
+        if not raw or raw == ":memory:" or raw.startswith("sqlite:"):
             raise ConfigError(f"--registry {uri}: name a database file, e.g. mlflow+sqlite:///registry.db")
         db = Path(raw).expanduser().resolve()
         tracking = f"sqlite:///{db}" + (f"?{rest}" if rest else "")
@@ -89,10 +89,6 @@ def make_client(tracking: str) -> Any:
     return MlflowClient(tracking_uri=tracking, registry_uri=tracking)
 
 
-def is_missing(exc: Exception) -> bool:
-    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
-
-
 class MlflowRegistry(DirectoryRegistry):
     """The Registry API over MLflow's model registry.
 
@@ -108,12 +104,18 @@ class MlflowRegistry(DirectoryRegistry):
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one MLflow call; its errors become one line naming the registry (exit 2)."""
+        return self.lookup(what, fn, *args, missing_ok=False, **kwargs)
+
+    def lookup(self, what: str, fn: Callable[..., T], *args: Any, missing_ok: bool = True, **kwargs: Any) -> T | None:
+        """`call`, except that a model or version MLflow does not have is None."""
         from mlflow.exceptions import MlflowException
 
         try:
             return fn(*args, **kwargs)
         except MlflowException as exc:
-            first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()[0]
+            if missing_ok and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            first = (str(exc.message).strip().splitlines() or ["(no message)"])[0]
             raise ConfigError(f"{what} in MLflow registry {self.uri}: {first}") from None
 
     # ----------------------------------------------------------------------------- paths
@@ -126,15 +128,11 @@ class MlflowRegistry(DirectoryRegistry):
 
     def registered_model(self, name: str) -> Any:
         """MLflow's record of the model (aliases included), or one line listing the models there are."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_registered_model(check_name(name))
-        except MlflowException as exc:
-            if not is_missing(exc):
-                raise ConfigError(f"{name} in MLflow registry {self.uri}: {exc.message}") from None
+        model = self.lookup(name, self.client.get_registered_model, check_name(name))
+        if model is None:
             raise ConfigError(f"unknown model '{name}' in registry {self.uri} (models: {self.models() or 'none'}); "
-                              "register a package with `deepship registry register PKG --name NAME`") from None
+                              "register a package with `deepship registry register PKG --name NAME`")
+        return model
 
     # ------------------------------------------------------------------------------ reads
     def models(self) -> list[str]:
@@ -151,16 +149,11 @@ class MlflowRegistry(DirectoryRegistry):
         return sorted(infos, key=lambda info: info.version)
 
     def version_info(self, name: str, version: int, verify: bool = True) -> VersionInfo:
-        from mlflow.exceptions import MlflowException
-
         aliases = self.aliases(name)
-        try:
-            mv = self.client.get_model_version(name, str(version))
-        except MlflowException as exc:
-            if not is_missing(exc):
-                raise ConfigError(f"{name}:{version} in MLflow registry {self.uri}: {exc.message}") from None
+        mv = self.lookup(f"{name}:{version}", self.client.get_model_version, name, str(version))
+        if mv is None:
             numbers = ", ".join(str(v.version) for v in self.versions(name)) or "none"
-            raise ConfigError(f"{name}:{version}: no such version in registry {self.uri} (versions: {numbers})") from None
+            raise ConfigError(f"{name}:{version}: no such version in registry {self.uri} (versions: {numbers})")
         if SHA_TAG not in (mv.tags or {}):
             raise ConfigError(f"{name}:{version} in {self.uri} was not registered by deepship (no {SHA_TAG} tag); "
                               "register the package with `deepship registry register`")
@@ -212,13 +205,7 @@ class MlflowRegistry(DirectoryRegistry):
         return self.version_info(name, version, verify=False)
 
     def ensure_registered_model(self, name: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_registered_model(check_name(name))
-        except MlflowException as exc:
-            if not is_missing(exc):
-                raise ConfigError(f"{name} in MLflow registry {self.uri}: {exc.message}") from None
+        if self.lookup(name, self.client.get_registered_model, check_name(name)) is None:
             self.call(name, self.client.create_registered_model, name)
         self.model_dir(name).mkdir(parents=True, exist_ok=True)
 
