@@ -146,6 +146,12 @@ class Registry(ABC):
     def lock(self, name: str, timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> AbstractContextManager[None]:
         """The model's writer lock (re-entrant in the holding thread); RegistryBusy after `timeout` seconds."""
 
+    def promotion_dir(self, name: str) -> Path:
+        """A new folder for one promotion's evaluation reports (default: a temporary folder)."""
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix=f"deepship-promote-{name}-"))
+
     # ------------------------------------------------------------------------- shared on top
     def alias_target(self, name: str, alias: str) -> int | None:
         return self.aliases(name).get(alias)

@@ -132,6 +132,13 @@ class DirectoryRegistry(Registry):
         return VersionInfo(name=name, version=version, path=folder, sha256=record["sha256"],
                            lineage=record.get("lineage", {}), created=record.get("created", ""), aliases=aliases)
 
+    def promotion_dir(self, name: str) -> Path:
+        """models/<name>/promotions/<UTC time to the microsecond>/: the reports a promotion decided on."""
+        stamp = utc_now().replace("-", "").replace(":", "")[:22]
+        folder = self.existing_model_dir(name) / "promotions" / stamp
+        folder.mkdir(parents=True)
+        return folder
+
     # ----------------------------------------------------------------------------- writes
     def register(self, package_dir: str | Path, name: str, alias: str | None = None,
                  lineage: dict[str, Any] | None = None, actor: str | None = None) -> VersionInfo:
