@@ -20,7 +20,7 @@ from deepship.errors import ConfigError, PackageError
 from deepship.registry import open_registry
 from deepship.registry.history import build_lineage, rollback
 from deepship.registry.mlflow import MlflowRegistry, parse_mlflow_uri  # imports mlflow only when a registry opens
-from test_registry import fake_package, run_cli, writable
+from test_registry import fake_package, macro_f1_by_hand, run_cli, two_packages, writable  # noqa: F401 (a fixture)
 
 from conftest import FORBIDDEN_IN_RUNTIME, read_json
 
@@ -122,6 +122,20 @@ def test_lineage_through_the_shared_code(env: SimpleNamespace) -> None:
     assert [(e["event"], e["alias"]) for e in lineage["alias_history"]] == [("alias", "challenger"),
                                                                             ("promote", "production")]
     assert json.loads(mlflow_versions(env, "lin")[1].tags["deepship.lineage"])["trigger"] == "drift"
+
+
+def test_promotion_through_the_shared_code_moves_the_mlflow_alias(env: SimpleNamespace,
+                                                                  request: pytest.FixtureRequest) -> None:
+    good, bad, data = request.getfixturevalue("two_packages")  # the directory backend's tests' packages
+    env.reg.register(bad, "promo", alias="production")
+    env.reg.register(good, "promo", alias="challenger")
+    assert run_cli("promote", "promo", "--registry", env.uri, "--data", str(data), "--bootstrap", "200",
+                   "--latency-runs", "3") == 0
+    assert mlflow_aliases(env, "promo") == {"production": 2, "challenger": 2}
+    event = env.reg.events("promo")[-1]
+    assert (event["event"], event["alias"], event["from"], event["to"]) == ("promote", "production", 1, 2)
+    assert event["diff"] == pytest.approx(macro_f1_by_hand(good, data) - macro_f1_by_hand(bad, data))
+    assert Path(event["reports"]).parent == env.store / "promo" / "promotions"
 
 
 # ---------------------------------------------------------------------------------- verification
