@@ -159,6 +159,18 @@ def test_unknown_model_alias_or_version_exit_2(env: SimpleNamespace, capsys: pyt
     assert mlflow_aliases(env, "known") == {"production": 1}
 
 
+def test_an_alias_mlflow_reserves_is_refused_before_anything_is_written(env: SimpleNamespace) -> None:
+    for reserved in ("v2", "Latest"):
+        with pytest.raises(ConfigError, match="MLflow reserves"):
+            env.reg.register(env.pkgs[0], "reserved", alias=reserved)
+    assert env.mlflow.search_model_versions("name='reserved'") == []
+    assert not (env.store / "reserved" / "1").exists()
+    env.reg.register(env.pkgs[0], "reserved", alias="production")
+    with pytest.raises(ConfigError, match="MLflow reserves"):
+        env.reg.set_alias("reserved", "v1", 1)
+    assert mlflow_aliases(env, "reserved") == {"production": 1}
+
+
 def test_a_version_deleted_in_mlflow_never_gets_a_wrong_source(env: SimpleNamespace) -> None:
     """MLflow never reuses a number, even a deleted version's: the copy follows MLflow's numbering."""
     env.reg.register(env.pkgs[0], "gap")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -76,6 +77,15 @@ def parse_mlflow_uri(uri: str) -> tuple[str, Path]:
         return tracking, Path(store).resolve()
     raise ConfigError(f"--registry {uri}: unsupported MLflow URI; use {PREFIX}sqlite:///FILE.db or "
                       f"{PREFIX}http(s)://HOST:PORT?store=DIR")
+
+
+def check_mlflow_alias(alias: str) -> str:
+    """deepship's alias rule plus MLflow's reserved names, checked before anything is written."""
+    check_alias(alias)
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ConfigError(f"alias {alias!r}: MLflow reserves 'latest' and v<number> (they name versions there); "
+                          "choose another alias, e.g. production")
+    return alias
 
 
 def make_client(tracking: str) -> Any:
@@ -189,7 +199,7 @@ class MlflowRegistry(DirectoryRegistry):
         manifest = read_manifest(source)
         verify_files(source, manifest)
         if alias is not None:
-            check_alias(alias)
+            check_mlflow_alias(alias)
         actor = actor or default_actor()
         with self.lock(name):
             self.ensure_registered_model(name)
@@ -255,7 +265,7 @@ class MlflowRegistry(DirectoryRegistry):
 
     def set_alias(self, name: str, alias: str, version: int, *, event: str = "alias", reason: str | None = None,
                   forced: bool = False, details: dict[str, Any] | None = None, actor: str | None = None) -> None:
-        check_alias(alias)
+        check_mlflow_alias(alias)
         with self.lock(name):
             self.version_info(name, version, verify=False)  # unknown version: ConfigError, nothing moves
             previous = self.aliases(name).get(alias)
