@@ -188,8 +188,11 @@ def test_cli_list_and_show(env: SimpleNamespace, capsys: pytest.CaptureFixture) 
     env.reg.register(env.pkgs[0], "cli", alias="production")
     env.reg.register(env.pkgs[1], "cli", alias="challenger")
     capsys.readouterr()
+    env.mlflow.create_registered_model("another tool's model")  # a name deepship would refuse: listed without it
     assert run_cli("list", "--registry", env.uri) == 0
-    assert "cli\t2 versions\tchallenger=2 production=1" in capsys.readouterr().out.splitlines()
+    listed = capsys.readouterr().out.splitlines()
+    assert "cli\t2 versions\tchallenger=2 production=1" in listed
+    assert not any("another tool" in line for line in listed)
     assert run_cli("show", "cli@production", "--registry", env.uri) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["version"], shown["path"], shown["aliases"]) == (1, str(env.store / "cli" / "1"), ["production"])

@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from deepship.errors import ConfigError, DeepshipError
 from deepship.files import fsync_dir
-from deepship.registry.base import VersionInfo, check_alias, check_name, default_actor
+from deepship.registry.base import NAME_PATTERN, VersionInfo, check_alias, check_name, default_actor
 from deepship.registry.directory import (
     DirectoryRegistry,
     copy_package,
@@ -146,7 +146,9 @@ class MlflowRegistry(DirectoryRegistry):
 
     # ------------------------------------------------------------------------------ reads
     def models(self) -> list[str]:
-        return sorted(m.name for m in self.search("models", self.client.search_registered_models))
+        """Registered models whose names deepship accepts (other tools' models may use any name)."""
+        found = self.search("models", self.client.search_registered_models)
+        return sorted(m.name for m in found if NAME_PATTERN.fullmatch(m.name))
 
     def aliases(self, name: str) -> dict[str, int]:
         aliases = self.registered_model(name).aliases or {}
