@@ -239,3 +239,41 @@ def test_mlflow_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ConfigError, match="name a database file"):
             open_registry(no_file)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+# ------------------------------------------------------------------------------------ concurrency
+def hammer(uri: str, package: str, worker: int, rounds: int) -> None:
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    reg = open_registry(uri)
+    mine = None
+    for i in range(rounds):
+        if i % 2 == 0:
+            mine = reg.register(package, "busy", actor=f"worker{worker}").version
+        else:
+            reg.set_alias("busy", f"w{worker}", mine, actor=f"worker{worker}")
+
+
+@pytest.mark.slow  # three fresh interpreters each import MLflow: about 30 s on 2 busy cores
+def test_concurrent_writers_get_distinct_numbers_and_matching_sources(env: SimpleNamespace) -> None:
+    import multiprocessing
+
+    workers, rounds = 3, 6
+    ctx = multiprocessing.get_context("spawn")  # a fresh MLflow client per process: no database handle crosses a fork
+    procs = [ctx.Process(target=hammer, args=(env.uri, str(env.pkgs[w]), w, rounds)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0] * workers
+    registers = workers * rounds // 2
+    stored = mlflow_versions(env, "busy")
+    assert sorted(stored) == list(range(1, registers + 1))
+    events = env.reg.events("busy")
+    assert [e["seq"] for e in events] == list(range(1, 2 * registers + 1))
+    for number, mv in stored.items():
+        assert mv.source == str(env.store / "busy" / str(number))
+        worker = next(e["actor"] for e in events if e["event"] == "register" and e["version"] == number)
+        assert sha256_tree(Path(mv.source)) == sha256_tree(env.pkgs[int(worker.removeprefix("worker"))])
+    for w in range(workers):
+        own = [e["version"] for e in events if e["event"] == "register" and e["actor"] == f"worker{w}"]
+        assert mlflow_aliases(env, "busy")[f"w{w}"] == own[-1]
