@@ -38,7 +38,8 @@ def promote(registry: Registry, name: str, from_alias: str = "challenger", to_al
             objective_overrides: Sequence[str] = (), actor: str | None = None, n_resamples: int = 1000,
             latency_runs: int = 100) -> PromotionDecision:
     """Evaluate, decide, then (under the model's lock, if the aliases did not move meanwhile) promote or log the refusal."""
-    check_alias(from_alias), check_alias(to_alias)
+    check_alias(from_alias)
+    check_alias(to_alias)
     before = registry.aliases(name)
     if from_alias not in before:
         raise ConfigError(f"{name}@{from_alias}: no such alias (aliases: {sorted(before) or 'none'}); register the "
