@@ -236,7 +236,8 @@ class MlflowRegistry(DirectoryRegistry):
         try:
             copy_package(source, staging, manifest)
             make_read_only(staging)
-            os.rename(staging, final)
+            os.rename(staging, final)  # moving a folder needs it writable (its ".." entry changes)
+            final.chmod(0o555)
             fsync_dir(final.parent)
         finally:
             if staging.parent.exists():
@@ -265,18 +266,7 @@ class MlflowRegistry(DirectoryRegistry):
                 shutil.rmtree(copy, onerror=unlock_and_retry)
             raise
 
-    def set_alias(self, name: str, alias: str, version: int, *, event: str = "alias", reason: str | None = None,
-                  forced: bool = False, details: dict[str, Any] | None = None, actor: str | None = None) -> None:
+    def store_alias(self, name: str, alias: str, version: int) -> None:
+        """The alias move itself, in MLflow (set_alias around it checks, locks and logs the event)."""
         check_mlflow_alias(alias)
-        with self.lock(name):
-            self.version_info(name, version, verify=False)  # unknown version: ConfigError, nothing moves
-            previous = self.aliases(name).get(alias)
-            if previous == version:
-                return
-            self.call(f"{name}@{alias}", self.client.set_registered_model_alias, name, alias, str(version))
-            entry = {"event": event, "alias": alias, "from": previous, "to": version, **(details or {})}
-            if reason is not None:
-                entry["reason"] = reason
-            if forced:
-                entry["forced"] = True
-            self.log_event(name, entry, actor=actor)
+        self.call(f"{name}@{alias}", self.client.set_registered_model_alias, name, alias, str(version))
