@@ -30,8 +30,8 @@ for module in ("mlflow", "sqlalchemy", "alembic"):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    """A registry database in its own folder, opened while the working directory is an empty folder that
-    every test checks stays empty; two packages that differ in their model bytes."""
+    """A registry database in its own folder, used while the working directory is an empty folder, which
+    must still be empty when the module is done; three packages that differ in their model bytes."""
     root = tmp_path_factory.mktemp("mlflow")
     cwd = root / "cwd"
     cwd.mkdir()
