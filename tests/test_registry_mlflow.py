@@ -272,3 +272,13 @@ def test_concurrent_writers_get_distinct_numbers_and_matching_sources(env: Simpl
     for w in range(workers):
         own = [e["version"] for e in events if e["event"] == "register" and e["actor"] == f"worker{w}"]
         assert mlflow_aliases(env, "busy")[f"w{w}"] == own[-1]
+
+
+def test_without_the_sql_store_packages_one_line_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as on an install of mlflow-skinny alone
+    monkeypatch.setitem(sys.modules, "alembic", None)
+    assert run_cli("list", "--registry", f"mlflow+sqlite:///{tmp_path}/reg.db") == 2
+    assert capsys.readouterr().err.strip() == ('error: the MLflow registry backend needs sqlalchemy, alembic: '
+                                               'pip install "deepship[mlflow]"')
+    assert sorted(os.listdir(tmp_path)) == []
