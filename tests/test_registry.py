@@ -174,6 +174,19 @@ def test_a_tampered_stored_manifest_fails_the_load(reg: DirectoryRegistry, pkg: 
     (info.path / "package.json").write_text(json.dumps({**manifest, "labels": ["x", "y"]}))
     assert run_cli("show", "m:1", "--registry", str(reg.root)) == 2
     assert str(info.path / "package.json") in capsys.readouterr().err
+    # a stored manifest claiming a newer format than this install reads
+    rewrite_manifest(info.path, {**manifest, "format_version": 99})
+    assert run_cli("show", "m:1", "--registry", str(reg.root)) == 2
+    assert "format_version 99" in capsys.readouterr().err
+
+
+def test_writes_to_an_unknown_model_leave_nothing_behind(reg: DirectoryRegistry, pkg: Path) -> None:
+    reg.register(pkg, "m")
+    with pytest.raises(ConfigError, match="unknown model 'other'"):
+        reg.set_alias("other", "production", 1)
+    with pytest.raises(ConfigError, match="unknown model 'other'"):
+        reg.log_event("other", {"event": "deploy", "version": 1})
+    assert sorted(p.name for p in (reg.root / "models").iterdir()) == ["m"]
 
 
 def test_an_extra_file_in_a_stored_version_fails_the_load(reg: DirectoryRegistry, pkg: Path) -> None:
@@ -250,7 +263,7 @@ def test_a_torn_event_line_is_ignored_and_cut_by_the_next_writer(reg: DirectoryR
 
 # ------------------------------------------------------------------------------- concurrency
 def hammer(root: str, package: str, worker: int, rounds: int) -> None:
-    reg = DirectoryRegistry(root)
+    reg = open_registry(root)
     mine = None
     for i in range(rounds):
         if i % 2 == 0:

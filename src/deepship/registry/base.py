@@ -144,6 +144,10 @@ class Registry(ABC):
     def lock(self, name: str, timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> AbstractContextManager[None]:
         """The model's writer lock (re-entrant in the holding thread); RegistryBusy after `timeout` seconds."""
 
+    def check_alias(self, alias: str) -> str:
+        """A valid alias name for this backend (one may reserve more names than the base rule)."""
+        return check_alias(alias)
+
     def promotion_dir(self, name: str) -> Path:
         """A new folder for one promotion's evaluation reports (default: a temporary folder)."""
         import tempfile

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deepship.errors import ConfigError
-from deepship.registry.base import Registry, VersionInfo, check_alias
+from deepship.registry.base import Registry, VersionInfo
 
 
 @dataclass
@@ -38,8 +38,8 @@ def promote(registry: Registry, name: str, from_alias: str = "challenger", to_al
             objective_overrides: Sequence[str] = (), actor: str | None = None, n_resamples: int = 1000,
             latency_runs: int = 100) -> PromotionDecision:
     """Evaluate, decide, then (under the model's lock, if the aliases did not move meanwhile) promote or log the refusal."""
-    check_alias(from_alias)
-    check_alias(to_alias)
+    registry.check_alias(from_alias)
+    registry.check_alias(to_alias)
     before = registry.aliases(name)
     if from_alias not in before:
         raise ConfigError(f"{name}@{from_alias}: no such alias (aliases: {sorted(before) or 'none'}); register the "
@@ -119,25 +119,32 @@ def judge(candidate: VersionInfo, report: dict[str, Any], current: VersionInfo |
             "ci95": report["metrics"]["ci95"].get(metric),
             "latency_p95_ms": ((report.get("latency") or {}).get("batch_1") or {}).get("p95"),
             "gates": verdict["summary"]}
-    problems = [f"gates {verdict['summary']}"] if verdict["passed"] is False else []
+    problems = [f"gate failed: {g['name']} (measured {fmt(g['value'], '.4g')})"
+                for g in verdict["gates"] if g["passed"] is False]
     if current is None:
-        reason = f"{metric} v{candidate.version} {fmt(cand['value'])}; no current holder, gates: {verdict['summary']}"
-        return PromotionDecision(not problems, False, reason, cand, None)
+        return decide(problems, f"{metric} v{candidate.version} {fmt(cand['value'])}, no current holder; "
+                                f"gates: {verdict['summary']}", cand)
     comp = comparison["comparison"]
     diff, ci = comp["difference"], comp["paired_bootstrap"]["ci"]
     cur = {"version": current.version, "metric": metric, "value": comp["champion_value"],
            "ci95": comparison["metrics"]["ci95"].get(metric)}
+    floor = -max_regression or 0.0  # no "-0.0000" in the message
     if diff is None or ci is None:
         problems.append(f"{metric} candidate - current is undefined on this data")
-    elif not ci[0] > -max_regression:
-        problems.append(f"95% lower bound {ci[0]:+.4f} is not above {-max_regression:+.4f} (--max-regression)")
-    reason = (f"{metric} candidate v{candidate.version} {fmt(cand['value'])} vs current v{current.version} "
-              f"{fmt(cur['value'])}: difference {fmt(diff, '+.4f')}"
-              + (f" [95% CI {ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
-              + f", McNemar p={comp['mcnemar']['p_value']:.3g}; gates: {verdict['summary']}")
-    if problems:
-        reason = f"{'; '.join(problems)} -- {reason}"
-    return PromotionDecision(not problems, False, reason, cand, cur, diff, tuple(ci) if ci else None)
+    elif not ci[0] > floor:
+        problems.append(f"candidate - current 95% lower bound {ci[0]:+.4f} is not above {floor:+.4f} "
+                        f"(--max-regression {max_regression:g})")
+    summary = (f"{metric} candidate v{candidate.version} {fmt(cand['value'])} vs current v{current.version} "
+               f"{fmt(cur['value'])}: difference {fmt(diff, '+.4f')}"
+               + (f" [95% CI {ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+               + f", McNemar p={comp['mcnemar']['p_value']:.3g}; gates: {verdict['summary']}")
+    return decide(problems, summary, cand, cur, diff, tuple(ci) if ci else None)
+
+
+def decide(problems: list[str], summary: str, candidate: dict[str, Any], current: dict[str, Any] | None = None,
+           diff: float | None = None, ci: tuple[float, float] | None = None) -> PromotionDecision:
+    reason = f"{'; '.join(problems)} -- {summary}" if problems else summary
+    return PromotionDecision(not problems, False, reason, candidate, current, diff, ci)
 
 
 def fmt(value: float | None, spec: str = ".4f") -> str:
