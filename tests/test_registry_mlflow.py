@@ -20,7 +20,7 @@ from deepship.errors import ConfigError, PackageError
 from deepship.registry import open_registry
 from deepship.registry.history import build_lineage, rollback
 from deepship.registry.mlflow import MlflowRegistry, parse_mlflow_uri  # imports mlflow only when a registry opens
-from test_registry import fake_package, macro_f1_by_hand, run_cli, two_packages, writable  # noqa: F401 (a fixture)
+from test_registry import fake_package, hammer, macro_f1_by_hand, run_cli, two_packages, writable  # noqa: F401 (a fixture)
 
 from conftest import FORBIDDEN_IN_RUNTIME, read_json
 
@@ -242,36 +242,31 @@ def test_mlflow_uris(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ------------------------------------------------------------------------------------ concurrency
-def register_many(uri: str, package: str, worker: int, rounds: int) -> None:
-    registry = open_registry(uri)  # MLFLOW_DISABLE_TELEMETRY comes with the environment
-    for _ in range(rounds):
-        registry.register(package, "busy", alias=f"w{worker}", actor=f"worker{worker}")
-
-
-@pytest.mark.slow  # three fresh interpreters each import MLflow: about 30 s on 2 busy cores
+@pytest.mark.slow  # four fresh interpreters each import MLflow: 20-40 s on 2 busy cores
 def test_concurrent_writers_get_distinct_numbers_and_matching_sources(env: SimpleNamespace) -> None:
+    """The directory backend's writers (register, then move an own alias, in turn) on one MLflow model."""
     import multiprocessing
 
-    workers, rounds = 3, 3
+    workers, rounds = 4, 4
     ctx = multiprocessing.get_context("spawn")  # a fresh MLflow client per process: no database handle crosses a fork
-    procs = [ctx.Process(target=register_many, args=(env.uri, str(env.pkgs[w]), w, rounds)) for w in range(workers)]
+    procs = [ctx.Process(target=hammer, args=(env.uri, str(env.pkgs[w % 3]), w, rounds)) for w in range(workers)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(180)
     assert [p.exitcode for p in procs] == [0] * workers
-    registers = workers * rounds
-    stored = mlflow_versions(env, "busy")
+    registers, moves = workers * rounds // 2, workers * rounds // 2
+    stored = mlflow_versions(env, "m")
     assert sorted(stored) == list(range(1, registers + 1))
-    events = env.reg.events("busy")
-    assert [e["seq"] for e in events] == list(range(1, 2 * registers + 1))
+    events = env.reg.events("m")
+    assert [e["seq"] for e in events] == list(range(1, registers + moves + 1))
     for number, mv in stored.items():
-        assert mv.source == str(env.store / "busy" / str(number))
+        assert mv.source == str(env.store / "m" / str(number))
         worker = next(e["actor"] for e in events if e["event"] == "register" and e["version"] == number)
-        assert sha256_tree(Path(mv.source)) == sha256_tree(env.pkgs[int(worker.removeprefix("worker"))])
+        assert sha256_tree(Path(mv.source)) == sha256_tree(env.pkgs[int(worker.removeprefix("worker")) % 3])
     for w in range(workers):
         own = [e["version"] for e in events if e["event"] == "register" and e["actor"] == f"worker{w}"]
-        assert mlflow_aliases(env, "busy")[f"w{w}"] == own[-1]
+        assert mlflow_aliases(env, "m")[f"w{w}"] == own[-1]
 
 
 def test_without_the_sql_store_packages_one_line_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -79,15 +79,6 @@ def parse_mlflow_uri(uri: str) -> tuple[str, Path]:
                       f"{PREFIX}http(s)://HOST:PORT?store=DIR")
 
 
-def check_mlflow_alias(alias: str) -> str:
-    """deepship's alias rule plus MLflow's reserved names, checked before anything is written."""
-    check_alias(alias)
-    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-        raise ConfigError(f"alias {alias!r}: MLflow reserves 'latest' and v<number> (they name versions there); "
-                          "choose another alias, e.g. production")
-    return alias
-
-
 def make_client(tracking: str) -> Any:
     """An MlflowClient on exactly this URI for both tracking and registry, or one line saying what to install."""
     needed = ["mlflow"] + (["sqlalchemy", "alembic"] if tracking.startswith("sqlite:") else [])
@@ -111,6 +102,14 @@ class MlflowRegistry(DirectoryRegistry):
         self.uri = uri
         self.tracking_uri = tracking
         self.client = make_client(tracking)
+
+    def check_alias(self, alias: str) -> str:
+        """deepship's alias rule plus MLflow's reserved names, checked before anything is written."""
+        check_alias(alias)
+        if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ConfigError(f"alias {alias!r}: MLflow reserves 'latest' and v<number> (they name versions there); "
+                              "choose another alias, e.g. production")
+        return alias
 
     def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one MLflow call; its errors become one line naming the registry (exit 2)."""
@@ -201,7 +200,7 @@ class MlflowRegistry(DirectoryRegistry):
         manifest = read_manifest(source)
         verify_files(source, manifest)
         if alias is not None:
-            check_mlflow_alias(alias)
+            self.check_alias(alias)
         actor = actor or default_actor()
         with self.lock(name):
             self.ensure_registered_model(name)
@@ -209,11 +208,7 @@ class MlflowRegistry(DirectoryRegistry):
             self.store_copy(source, self.model_dir(name) / str(expected), manifest)
             record = version_record(name, expected, source, manifest, lineage or {}, actor)
             version = self.create_version(name, expected, record)
-            self.log_event(name, {"event": "register", "version": version, "sha256": record["sha256"],
-                                  "model_version": manifest.get("model_version"), "source": str(source.resolve())},
-                           actor=actor)
-            if alias is not None:
-                self.set_alias(name, alias, version, actor=actor)
+            self.log_registered(name, version, record["sha256"], manifest, source, alias, actor)
         return self.version_info(name, version, verify=False)
 
     def ensure_registered_model(self, name: str) -> None:
@@ -268,5 +263,4 @@ class MlflowRegistry(DirectoryRegistry):
 
     def store_alias(self, name: str, alias: str, version: int) -> None:
         """The alias move itself, in MLflow (set_alias around it checks, locks and logs the event)."""
-        check_mlflow_alias(alias)
         self.call(f"{name}@{alias}", self.client.set_registered_model_alias, name, alias, str(version))
