@@ -1,0 +1,13 @@
+"""Model registry: numbered immutable versions, aliases, an event log, gated promotion, lineage. Torch-free."""
+
+from deepship.registry.base import (
+    ModelRef,
+    Registry,
+    RegistryBusy,
+    VersionInfo,
+    default_registry_uri,
+    open_registry,
+    parse_ref,
+)
+
+__all__ = ["ModelRef", "Registry", "RegistryBusy", "VersionInfo", "default_registry_uri", "open_registry", "parse_ref"]
