@@ -111,7 +111,7 @@ def registry_copy(world: SimpleNamespace, tmp_path: Path) -> Path:
 def retrain_args(world: SimpleNamespace, registry: Path, out: Path, *extra: str, labels: Path | None = None) -> list[str]:
     return ["retrain", "--champion", f"registry:{NAME}@production", "--registry", str(registry),
             "--log", str(world.log), "--labels", str(labels or world.labels), "--inputs", str(world.inputs),
-            "--holdout", str(HOLDOUT), "--out", str(out), *extra]
+            "--holdout", str(HOLDOUT), "--set", "train.max_epochs=3", "--out", str(out), *extra]
 
 
 def production(registry: Path) -> int | None:
@@ -128,7 +128,10 @@ def versions(registry: Path) -> list[int]:
 
 # ------------------------------------------------------------------------------------ the holdout
 def test_the_decision_set_is_the_most_recent_labeled_inputs_by_ts(world: SimpleNamespace) -> None:
-    batch = read_labeled_log(world.log, world.labels, ["neg", "pos"], SimpleNamespace(name="text"), world.inputs)
+    from deepship.runtime.predictor import Predictor
+
+    modality = Predictor.load(world.package).modality
+    batch = read_labeled_log(world.log, world.labels, ["neg", "pos"], modality, world.inputs)
     assert batch.ids == [world.ids[i] for i in world.labeled]  # log order, unlabeled ones left out
     assert batch.labels == [world.truth[i] for i in world.labeled]
     assert batch.inputs == [world.texts[i] for i in world.labeled]
@@ -203,8 +206,8 @@ def test_a_better_challenger_is_promoted_after_waiting_out_the_registry_lock(wor
     registry, out = registry_copy(world, tmp_path), tmp_path / "work"
     with open_registry(registry).lock(NAME):  # another writer holds the model: retrain trains, then gives up
         assert cli.main(retrain_args(world, registry, out, "--lock-timeout", "0.5")) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lock" in err[0], err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lock" in errors[0], errors
     assert versions(registry) == [1] and production(registry) == 1  # nothing registered, nothing moved
     assert (out / "run" / "metrics.json").is_file() and (out / "package" / "package.json").is_file()
 

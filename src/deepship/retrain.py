@@ -235,7 +235,7 @@ def export_challenger(run_dir: Path, package: Path) -> Path:
 
 def register_and_promote(reg: Any, outcome: Outcome, decision_file: Path, options: RetrainOptions) -> Any:
     """Under the model's lock: register the package as `challenger` (once), then the registry's gate."""
-    from deepship.registry import promote
+    from deepship.registry.promote import promote
     from deepship.runtime.package import read_manifest
 
     name, sha = outcome.champion.name, read_manifest(outcome.package)["manifest_sha256"]
