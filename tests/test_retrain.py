@@ -169,6 +169,7 @@ BAD_CASES = {
     "no raw inputs": (lambda w, t: [], "holds no raw inputs"),
     "bad holdout": (lambda w, t: ["--holdout", "1.5"], "--holdout 1.5"),
     "unknown champion": (lambda w, t: ["--champion", "registry:other@production"], "other"),
+    "missing --data file": (lambda w, t: ["--data", str(t / "more.csv")], "more.csv' does not exist"),
 }
 
 
@@ -196,6 +197,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case: str, world: Si
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not (tmp_path / "work").exists()
     assert versions(world.registry) == before
+
+
+def test_a_champion_package_is_adopted_only_once_the_input_is_good(world: SimpleNamespace, tmp_path: Path,
+                                                                      capsys) -> None:
+    from deepship.registry import open_registry
+
+    registry = tmp_path / "fresh-registry"
+    args = ["retrain", "--champion-package", str(world.package), "--name", NAME, "--registry", str(registry),
+            "--log", str(tmp_path / "missing.jsonl"), "--labels", str(world.labels), "--out", str(tmp_path / "work")]
+    assert cli.main(args) == 2
+    assert "missing.jsonl: not found" in capsys.readouterr().err
+    assert open_registry(registry).models() == [] and not (tmp_path / "work").exists()
 
 
 # ------------------------------------------------------------------------------- the whole loop
@@ -248,7 +261,7 @@ def test_a_poisoned_batch_is_refused_and_nothing_moves(world: SimpleNamespace, t
     d = report["decision"]
     assert not d["promoted"] and production(registry) == 1
     for side in ("candidate", "current"):
-        assert f"{d[side]['value']:.4f}"[:4] in err  # both numbers, on stderr and in the report
+        assert f"{d[side]['value']:.4f}" in err  # both numbers, on stderr and in the report
     assert d["reason"] and d["reason"] in err
     assert [e["event"] for e in events(registry)[events_before:]][-1] == "promote_refused"
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import fcntl
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from pydantic import ValidationError
 
 from deepship.config import Config, SourceConfig, apply_overrides
-from deepship.errors import ConfigError, DataError
+from deepship.errors import ConfigError
 from deepship.retrain_data import (
     LabeledBatch,
     check_decision_classes,
@@ -62,7 +62,7 @@ class RetrainOptions:
 @dataclass(frozen=True)
 class Champion:
     name: str
-    version: int
+    version: int | None  # None: a package the registry does not hold yet
     package: Path
     sha256: str
     config: Config
@@ -105,33 +105,33 @@ def champion_config(package: Path, run_dir: Path | None) -> Config:
 
 
 def resolve_champion(reg: Any, options: RetrainOptions) -> Champion:
+    """The version to beat. A --champion-package the registry does not know yet gets version None: it is
+    registered as NAME@production only at the gate, so bad input leaves the registry untouched."""
     from deepship.registry import parse_ref
+    from deepship.runtime.package import read_manifest
 
     if options.champion is not None:
         ref = parse_ref(options.champion)
         if ref.alias is None and ref.version is None:
             raise ConfigError(f"--champion {options.champion}: name the version to beat, e.g. {ref.name}@production")
         info = reg.resolve(ref)
-    else:
-        info = adopt_package(reg, options.name, options.champion_package)
-    return Champion(info.name, info.version, Path(info.path), info.sha256,
-                    champion_config(Path(info.path), options.champion_run))
-
-
-def adopt_package(reg: Any, name: str, package: Path) -> Any:
-    """A registry that does not know the model yet gets the champion package as NAME@production; one that
-    does must already serve exactly this package there."""
-    from deepship.runtime.package import read_manifest
-
-    current = reg.alias_target(name, PRODUCTION)
-    if current is None:
-        with reg.lock(name):
-            return reg.register(package, name, alias=PRODUCTION, lineage={"adopted_by": "retrain"})
-    info = reg.resolve(f"{name}@{PRODUCTION}")
-    if info.sha256 != read_manifest(package).get("manifest_sha256"):
+        return Champion(info.name, info.version, Path(info.path), info.sha256,
+                        champion_config(Path(info.path), options.champion_run))
+    name, package = parse_ref(options.name).name, options.champion_package
+    sha = read_manifest(package)["manifest_sha256"]
+    version = reg.alias_target(name, PRODUCTION) if name in reg.models() else None
+    if version is not None and reg.resolve(f"{name}:{version}").sha256 != sha:
         raise ConfigError(f"--champion-package {package}: {name}@{PRODUCTION} is another package (version "
-                          f"{info.version}); retrain against it with --champion registry:{name}@{PRODUCTION}")
-    return info
+                          f"{version}); retrain against it with --champion registry:{name}@{PRODUCTION}")
+    return Champion(name, version, package, sha, champion_config(package, options.champion_run))
+
+
+def adopt_champion(reg: Any, outcome: "Outcome", actor: str | None) -> None:
+    """Register a --champion-package as NAME@production (under the caller's lock) and record its version."""
+    c = outcome.champion
+    info = reg.register(c.package, c.name, alias=PRODUCTION, lineage={"adopted_by": "deepship retrain"}, actor=actor)
+    outcome.champion = replace(c, version=info.version)
+    outcome.lineage["parent"]["version"] = info.version
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -146,15 +146,6 @@ def challenger_config(champion: Config, extra: Sequence[str], out: Path, overrid
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"the champion's config for retraining: {format_validation_error(exc, Config)}") from None
-
-
-def source_specs(paths: Sequence[str]) -> list[SourceConfig]:
-    out = []
-    for path in paths:
-        if not Path(path).exists():
-            raise DataError(f"--data {path}: not found; give a labeled file or folder training can read")
-        out.append(SourceConfig(path=path))
-    return out
 
 
 # ------------------------------------------------------------------------------------ new data
@@ -240,6 +231,8 @@ def register_and_promote(reg: Any, outcome: Outcome, decision_file: Path, option
 
     name, sha = outcome.champion.name, read_manifest(outcome.package)["manifest_sha256"]
     with reg.lock(name, timeout=options.lock_timeout):
+        if outcome.champion.version is None:
+            adopt_champion(reg, outcome, options.actor)
         known = [v for v in reg.versions(name) if v.sha256 == sha]
         info = known[-1] if known else reg.register(outcome.package, name, alias=CHALLENGER,
                                                     lineage=outcome.lineage, actor=options.actor)
@@ -277,8 +270,7 @@ def run_retrain(options: RetrainOptions) -> tuple[int, dict[str, Any]]:
     check_options(options)
     reg = open_registry(options.registry)
     champion = resolve_champion(reg, options)
-    extra = source_specs(options.data)
-    base = challenger_config(champion.config, [s.path for s in extra], options.out, options.overrides)
+    base = challenger_config(champion.config, options.data, options.out, options.overrides)
     batch, new, decision = read_new_data(champion, options)
     with workdir_lock(options.out):
         cfg, decision_file, data = write_new_data(base, batch, new, decision, options)
