@@ -276,7 +276,7 @@ def events(registry: Path) -> list[dict]:
 @pytest.mark.slow
 def test_a_retrain_killed_during_training_continues_from_last_ckpt(world: SimpleNamespace, tmp_path: Path) -> None:
     registry, out = registry_copy(world, tmp_path), tmp_path / "work"
-    args = retrain_args(world, registry, out, "--set", "train.checkpoint_every_n_steps=1", "train.max_epochs=8")
+    args = retrain_args(world, registry, out, "--set", "train.checkpoint_every_n_steps=1", "train.max_epochs=4")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     first = subprocess.Popen([sys.executable, "-m", "deepship.cli", *args], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -293,7 +293,7 @@ def test_a_retrain_killed_during_training_continues_from_last_ckpt(world: Simple
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"resuming from {last}" in second.stdout
     history = read_csv(out / "run" / "history.csv")
-    assert [int(r["epoch"]) for r in history] == list(range(1, 9))  # every epoch once: continued, not restarted
+    assert [int(r["epoch"]) for r in history] == list(range(1, 5))  # every epoch once: continued, not restarted
     assert production(registry) == 2
 
 
