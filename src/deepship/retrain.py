@@ -262,6 +262,15 @@ def decision_dict(decision: Any) -> dict[str, Any]:
             "diff_ci95": None if decision.diff_ci95 is None else list(decision.diff_ci95)}
 
 
+def report_fields(outcome: Outcome, code: int) -> dict[str, Any]:
+    c = outcome.champion
+    return {"exit_code": code, "decision": outcome.decision,
+            "champion": {"name": c.name, "version": c.version, "package": str(c.package), "sha256": c.sha256},
+            "challenger": {"name": c.name, "version": outcome.version, "run_dir": str(outcome.run_dir),
+                           "package": str(outcome.package)},
+            "data": outcome.data, "lineage": outcome.lineage}
+
+
 def run_retrain(options: RetrainOptions) -> tuple[int, dict[str, Any]]:
     """The whole loop; returns (exit code, report). Bad input raises before anything is written."""
     from deepship.registry import open_registry
@@ -280,5 +289,5 @@ def run_retrain(options: RetrainOptions) -> tuple[int, dict[str, Any]]:
         outcome.lineage = lineage(champion, cfg, data, outcome.run_dir)
         outcome.decision = decision_dict(register_and_promote(reg, outcome, decision_file, options))
         code = EXIT_PROMOTED if outcome.decision["promoted"] else EXIT_REFUSED
-        report = write_retrain_report(outcome, code, options.out)
+        report = write_retrain_report(report_fields(outcome, code), options.out)
     return code, report

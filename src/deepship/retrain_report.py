@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from deepship.files import atomic_write_text, write_json
 from deepship.htmlpage import esc, page, table
-
-if TYPE_CHECKING:
-    from deepship.retrain import Outcome
 
 JSON_NAME, HTML_NAME = "retrain_report.json", "retrain_report.html"
 SCHEMA_VERSION = 1
@@ -29,18 +26,10 @@ def data_findings(run_dir: Path) -> dict[str, Any]:
             "label_conflicts": report.get("label_conflicts", {"count": 0, "examples": []})}
 
 
-def build_report(outcome: "Outcome", code: int) -> dict[str, Any]:
-    c = outcome.champion
-    return {"schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "exit_code": code, "decision": outcome.decision,
-            "champion": {"name": c.name, "version": c.version, "package": str(c.package), "sha256": c.sha256},
-            "challenger": {"name": c.name, "version": outcome.version, "run_dir": str(outcome.run_dir),
-                           "package": str(outcome.package)},
-            "data": outcome.data, "data_report": data_findings(outcome.run_dir), "lineage": outcome.lineage}
-
-
-def write_retrain_report(outcome: "Outcome", code: int, out: Path) -> dict[str, Any]:
-    report = build_report(outcome, code)
+def write_retrain_report(fields: dict[str, Any], out: Path) -> dict[str, Any]:
+    """`fields`: exit_code, decision, champion, challenger (with run_dir), data, lineage."""
+    report = {"schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              **fields, "data_report": data_findings(Path(fields["challenger"]["run_dir"]))}
     write_json(out / JSON_NAME, report)
     atomic_write_text(out / HTML_NAME, render_html(report))
     return report
