@@ -174,6 +174,19 @@ def test_a_tampered_stored_manifest_fails_the_load(reg: DirectoryRegistry, pkg: 
     (info.path / "package.json").write_text(json.dumps({**manifest, "labels": ["x", "y"]}))
     assert run_cli("show", "m:1", "--registry", str(reg.root)) == 2
     assert str(info.path / "package.json") in capsys.readouterr().err
+    # a stored manifest claiming a newer format than this install reads
+    rewrite_manifest(info.path, {**manifest, "format_version": 99})
+    assert run_cli("show", "m:1", "--registry", str(reg.root)) == 2
+    assert "format_version 99" in capsys.readouterr().err
+
+
+def test_writes_to_an_unknown_model_leave_nothing_behind(reg: DirectoryRegistry, pkg: Path) -> None:
+    reg.register(pkg, "m")
+    with pytest.raises(ConfigError, match="unknown model 'other'"):
+        reg.set_alias("other", "production", 1)
+    with pytest.raises(ConfigError, match="unknown model 'other'"):
+        reg.log_event("other", {"event": "deploy", "version": 1})
+    assert sorted(p.name for p in (reg.root / "models").iterdir()) == ["m"]
 
 
 def test_an_extra_file_in_a_stored_version_fails_the_load(reg: DirectoryRegistry, pkg: Path) -> None:
@@ -250,7 +263,7 @@ def test_a_torn_event_line_is_ignored_and_cut_by_the_next_writer(reg: DirectoryR
 
 # ------------------------------------------------------------------------------- concurrency
 def hammer(root: str, package: str, worker: int, rounds: int) -> None:
-    reg = DirectoryRegistry(root)
+    reg = open_registry(root)
     mine = None
     for i in range(rounds):
         if i % 2 == 0:
@@ -389,3 +402,115 @@ def test_the_registry_imports_no_torch(text_package: Path, tmp_path: Path) -> No
                              json.dumps(forbidden)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"codes": [0, 0, 0, 0], "loaded": []}
+
+
+# --------------------------------------------------------------------------------- promotion
+def scramble_head(package: Path, out: Path) -> Path:
+    """A copy whose classifier's two output rows are swapped: every prediction flips to the other class."""
+    import onnx
+    from onnx import numpy_helper
+
+    copy = copy_package(package, out)
+    model = onnx.load(str(copy / "model.onnx"))
+    swapped = 0
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if "classifier" in init.name:  # the head's (labels, hidden) weight and (labels,) bias
+            init.CopyFrom(numpy_helper.from_array(array[::-1].copy(), init.name))
+            swapped += 1
+    assert swapped == 2, swapped
+    onnx.save(model, str(copy / "model.onnx"))
+    manifest = read_json(copy / "package.json")
+    manifest["files"]["model.onnx"] = hashlib.sha256((copy / "model.onnx").read_bytes()).hexdigest()
+    rewrite_manifest(copy, manifest)
+    return copy
+
+
+def macro_f1_by_hand(package: Path, data: Path) -> float:
+    import csv
+
+    from sklearn.metrics import f1_score
+
+    from deepship.runtime.predictor import Predictor
+
+    with open(data) as f:
+        rows = list(csv.DictReader(f))
+    predicted = [p.label for p in Predictor.load(package).predict([r["text"] for r in rows])]
+    return float(f1_score([r["label"] for r in rows], predicted, average="macro"))
+
+
+@pytest.fixture(scope="module")
+def two_packages(text_package: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(good, scrambled, labeled data) with macro-F1 clearly apart on the data."""
+    from conftest import write_text_csv
+
+    root = tmp_path_factory.mktemp("promote")
+    return text_package, scramble_head(text_package, root / "scrambled"), write_text_csv(root / "test.csv", 30, seed=7)
+
+
+def promote_cli(reg: DirectoryRegistry, data: Path | None, *extra: str) -> int:
+    return run_cli("promote", "m", "--registry", str(reg.root), "--bootstrap", "200", "--latency-runs", "3",
+                   *(["--data", str(data)] if data else []), *extra)
+
+
+def test_promotion_refuses_a_worse_candidate(two_packages, reg: DirectoryRegistry, capsys: pytest.CaptureFixture) -> None:
+    good, bad, data = two_packages
+    good_f1, bad_f1 = macro_f1_by_hand(good, data), macro_f1_by_hand(bad, data)
+    assert good_f1 > 0.9 and bad_f1 < 0.1
+    reg.register(good, "m", alias="production")
+    reg.register(bad, "m", alias="challenger")
+    assert promote_cli(reg, data) == 4
+    assert reg.aliases("m") == {"production": 1, "challenger": 2}
+    event = reg.events("m")[-1]
+    assert event["event"] == "promote_refused" and event["to"] == 2 and event["from"] == 1
+    assert event["candidate"]["value"] == pytest.approx(bad_f1) and event["current"]["value"] == pytest.approx(good_f1)
+    assert event["diff"] == pytest.approx(bad_f1 - good_f1) and event["diff_ci95"][0] < 0
+    assert f"{bad_f1:.4f}" in event["reason"] and f"{good_f1:.4f}" in event["reason"]
+    out = capsys.readouterr().out
+    assert out.startswith("refused: ") and f"{good_f1:.4f}" in out
+    reports = Path(event["reports"])
+    assert reports.parent == reg.model_dir("m") / "promotions"
+    assert read_json(reports / "current" / "report.json")["comparison"]["challenger_value"] == pytest.approx(bad_f1)
+
+
+def test_promotion_accepts_a_better_candidate_and_force_is_logged(two_packages, reg: DirectoryRegistry) -> None:
+    good, bad, data = two_packages
+    reg.register(bad, "m", alias="production")
+    reg.register(good, "m", alias="challenger")
+    assert promote_cli(reg, data) == 0
+    assert reg.aliases("m") == {"production": 2, "challenger": 2}
+    event = reg.events("m")[-1]
+    assert (event["event"], event["from"], event["to"], event.get("forced")) == ("promote", 1, 2, None)
+    assert event["diff_ci95"][0] > 0
+
+    reg.set_alias("m", "challenger", 1)  # the worse one again, forced through
+    assert promote_cli(reg, data, "--force") == 0
+    assert reg.alias_target("m", "production") == 1
+    event = reg.events("m")[-1]
+    assert (event["event"], event["to"], event["forced"]) == ("promote", 1, True)
+    assert event["diff"] == pytest.approx(macro_f1_by_hand(bad, data) - macro_f1_by_hand(good, data))
+
+
+def test_with_no_current_holder_only_the_gates_apply(two_packages, reg: DirectoryRegistry,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    good, bad, data = two_packages
+    reg.register(bad, "m", alias="challenger")
+    assert promote_cli(reg, data, "--set", "objective.min=0.5") == 4
+    assert "FAIL: macro_f1 >= 0.5" in capsys.readouterr().out
+    assert reg.aliases("m") == {"challenger": 1}
+    reg.register(good, "m", alias="challenger")
+    assert promote_cli(reg, data, "--set", "objective.min=0.5") == 0
+    assert reg.aliases("m") == {"challenger": 2, "production": 2}
+    assert reg.events("m")[-1]["current"] is None
+
+
+def test_promotion_without_data_or_candidate_says_what_to_pass(two_packages, reg: DirectoryRegistry,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    good, _, data = two_packages
+    reg.register(good, "m", alias="production")
+    assert promote_cli(reg, data) == 2
+    assert "no such alias" in capsys.readouterr().err
+    reg.register(good, "m", alias="challenger")
+    assert promote_cli(reg, None) == 2  # the tiny package's config records no data.test
+    assert "pass --data" in capsys.readouterr().err
+    assert [e["event"] for e in reg.events("m")].count("promote_refused") == 0

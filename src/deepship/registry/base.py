@@ -1,8 +1,8 @@
 """What every registry backend offers: versions of a named model, movable aliases, an event log, a writer lock.
 
 Torch-free and cheap to import: a serving host resolves `name@production` with the base install only.
-A backend is chosen by URI (`open_registry`): a plain path or `file:DIR` is the directory backend,
-`mlflow+<tracking uri>` is MLflow's model registry (optional extra, imported only when asked for).
+Backends (deepship.registry.directory, deepship.registry.mlflow) implement `Registry`;
+deepship.registry.backends.open_registry picks one by URI.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from typing import Any
 
 from deepship.errors import ConfigError, DeepshipError
 
-REGISTRY_ENV = "DEEPSHIP_REGISTRY"
-DEFAULT_REGISTRY = "registry"
 REF_PREFIX = "registry:"  # `serve --model registry:NAME@ALIAS`: the prefix is accepted and dropped
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 ALIAS_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # never all digits: `name:3` is a version
@@ -146,6 +144,16 @@ class Registry(ABC):
     def lock(self, name: str, timeout: float = DEFAULT_LOCK_TIMEOUT_S) -> AbstractContextManager[None]:
         """The model's writer lock (re-entrant in the holding thread); RegistryBusy after `timeout` seconds."""
 
+    def check_alias(self, alias: str) -> str:
+        """A valid alias name for this backend (one may reserve more names than the base rule)."""
+        return check_alias(alias)
+
+    def promotion_dir(self, name: str) -> Path:
+        """A new folder for one promotion's evaluation reports (default: a temporary folder)."""
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix=f"deepship-promote-{name}-"))
+
     # ------------------------------------------------------------------------- shared on top
     def alias_target(self, name: str, alias: str) -> int | None:
         return self.aliases(name).get(alias)
@@ -166,25 +174,3 @@ class Registry(ABC):
                 raise ConfigError(f"{ref}: {ref.name} has no versions in {self.uri}; register a package first")
             version = existing[-1].version
         return self.version_info(ref.name, version, verify=verify)
-
-
-def default_registry_uri() -> str:
-    return os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
-
-
-def open_registry(uri: str | Path | None = None) -> Registry:
-    """A plain path or "file:DIR" -> DirectoryRegistry; "mlflow+<tracking uri>" -> MlflowRegistry.
-    None: $DEEPSHIP_REGISTRY, else ./registry."""
-    text = str(uri) if uri is not None else default_registry_uri()
-    if text.startswith("mlflow+"):
-        from deepship.registry.mlflow import MlflowRegistry  # the optional extra: only when asked for
-
-        return MlflowRegistry(text)
-    from deepship.registry.directory import DirectoryRegistry
-
-    if text.startswith("file:"):
-        return DirectoryRegistry(Path(text.removeprefix("file:").removeprefix("//")))
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
-        raise ConfigError(f"--registry {text}: unknown scheme; use a directory, file:DIR, or "
-                          "mlflow+sqlite:///FILE.db / mlflow+http(s)://HOST")
-    return DirectoryRegistry(Path(text))

@@ -75,7 +75,7 @@ def add_registry_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def open_from(args: argparse.Namespace):  # -> Registry
-    from deepship.registry.base import open_registry
+    from deepship.registry.backends import open_registry
 
     return open_registry(args.registry)
 
@@ -124,6 +124,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     if args.max_regression < 0:
         raise ConfigError(f"--max-regression {args.max_regression}: must be 0 or more (a tolerated drop)")
+    if args.bootstrap < 1 or args.latency_runs < 0:
+        raise ConfigError(f"--bootstrap {args.bootstrap} / --latency-runs {args.latency_runs}: need at least 1 "
+                          "resample and 0 (skip) or more timed calls")
     decision = promote(open_from(args), args.name, from_alias=args.from_alias, to_alias=args.to_alias,
                        data=args.data, max_regression=args.max_regression, force=args.force,
                        objective_overrides=args.set, n_resamples=args.bootstrap, latency_runs=args.latency_runs)

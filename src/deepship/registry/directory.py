@@ -32,7 +32,6 @@ from deepship.registry.base import (
     Registry,
     RegistryBusy,
     VersionInfo,
-    check_alias,
     check_name,
     default_actor,
     utc_now,
@@ -132,6 +131,13 @@ class DirectoryRegistry(Registry):
         return VersionInfo(name=name, version=version, path=folder, sha256=record["sha256"],
                            lineage=record.get("lineage", {}), created=record.get("created", ""), aliases=aliases)
 
+    def promotion_dir(self, name: str) -> Path:
+        """models/<name>/promotions/<UTC time to the microsecond>/: the reports a promotion decided on."""
+        stamp = utc_now().replace("-", "").replace(":", "")[:22]
+        folder = self.existing_model_dir(name) / "promotions" / stamp
+        folder.mkdir(parents=True)
+        return folder
+
     # ----------------------------------------------------------------------------- writes
     def register(self, package_dir: str | Path, name: str, alias: str | None = None,
                  lineage: dict[str, Any] | None = None, actor: str | None = None) -> VersionInfo:
@@ -142,7 +148,7 @@ class DirectoryRegistry(Registry):
             raise PackageError(f"{source}: holds a file named {VERSION_FILE}, which the registry keeps beside "
                                "each version; rename it and re-export")
         if alias is not None:
-            check_alias(alias)
+            self.check_alias(alias)
         actor = actor or default_actor()
         with self.lock(name):
             folder = self.ensure_model(name)
@@ -160,12 +166,17 @@ class DirectoryRegistry(Registry):
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, onerror=unlock_and_retry)
-            self.log_event(name, {"event": "register", "version": version, "sha256": record["sha256"],
-                                  "model_version": manifest.get("model_version"), "source": str(source.resolve())},
-                           actor=actor)
-            if alias is not None:
-                self.set_alias(name, alias, version, actor=actor)
+            self.log_registered(name, version, record["sha256"], manifest, source, alias, actor)
         return self.version_info(name, version, verify=False)
+
+    def log_registered(self, name: str, version: int, sha256: str, manifest: dict[str, Any], source: Path,
+                       alias: str | None, actor: str) -> None:
+        """A register's last step, under the lock: its event, then the alias it asked for."""
+        self.log_event(name, {"event": "register", "version": version, "sha256": sha256,
+                              "model_version": manifest.get("model_version"), "source": str(Path(source).resolve())},
+                       actor=actor)
+        if alias is not None:
+            self.set_alias(name, alias, version, actor=actor)
 
     def ensure_model(self, name: str) -> Path:
         """The model's folder, with model.json created on first register (caller holds the lock)."""
@@ -189,7 +200,8 @@ class DirectoryRegistry(Registry):
 
     def set_alias(self, name: str, alias: str, version: int, *, event: str = "alias", reason: str | None = None,
                   forced: bool = False, details: dict[str, Any] | None = None, actor: str | None = None) -> None:
-        check_alias(alias)
+        self.check_alias(alias)
+        self.existing_model_dir(name)  # an unknown model: ConfigError before a lock folder is made for it
         with self.lock(name):
             self.version_info(name, version, verify=False)  # unknown version: ConfigError, nothing moves
             aliases = self.aliases(name)
@@ -211,6 +223,7 @@ class DirectoryRegistry(Registry):
     def log_event(self, name: str, event: dict[str, Any], actor: str | None = None) -> dict[str, Any]:
         if "event" not in event:
             raise ConfigError(f"event {event!r}: needs an 'event' key naming its kind (e.g. deploy)")
+        self.existing_model_dir(name)
         with self.lock(name):
             path = self.existing_model_dir(name) / "events.jsonl"
             past = self.events(name)

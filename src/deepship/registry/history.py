@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepship.errors import ConfigError
-from deepship.registry.base import Registry, VersionInfo, check_alias
+from deepship.registry.base import Registry, VersionInfo
 
 MOVES = ("alias", "promote", "rollback")  # the events that move an alias
 
@@ -31,7 +31,7 @@ def alias_stack(events: list[dict[str, Any]], alias: str) -> list[int]:
 
 def rollback(registry: Registry, name: str, alias: str, actor: str | None = None) -> tuple[int, int]:
     """Point `alias` back at its previous target from the event log; returns (from, to)."""
-    check_alias(alias)
+    registry.check_alias(alias)
     with registry.lock(name):
         current = registry.alias_target(name, alias)
         if current is None:
@@ -71,7 +71,7 @@ def build_lineage(registry: Registry, info: VersionInfo) -> dict[str, Any]:
                      "extra": {k: v for k, v in info.lineage.items() if k not in LINEAGE_KEYS}},
         "alias_history": [e for e in events if e.get("event") in (*MOVES, "promote_refused")
                           and info.version in (e.get("to"), e.get("from"), e.get("candidate", {}).get("version"))],
-        "deployments": [{k: e.get(k) for k in ("host", "port", "pid", "ts", "alias", "actor")}
+        "deployments": [{k: v for k, v in e.items() if k != "event"}  # host, port, pid, ts, alias, ...
                         for e in events if e.get("event") == "deploy" and e.get("version") == info.version],
     }
 
