@@ -211,6 +211,40 @@ def test_a_champion_package_is_adopted_only_once_the_input_is_good(world: Simple
     assert open_registry(registry).models() == [] and not (tmp_path / "work").exists()
 
 
+def test_a_second_retrain_in_the_same_work_directory_exits_2_at_once(world: SimpleNamespace, tmp_path: Path,
+                                                                       capsys) -> None:
+    import fcntl
+
+    out = tmp_path / "work"
+    out.mkdir()
+    with open(out / ".retrain.lock", "a") as held:  # what a running retrain holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cli.main(retrain_args(world, world.registry, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another retrain is working in it" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == [".retrain.lock"]
+
+
+def test_logged_base64_images_become_files_with_their_bytes(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from deepship.retrain_data import LabeledBatch, materialize_images
+
+    encoded = []
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=fmt)
+        encoded.append(buf.getvalue())
+    batch = LabeledBatch(["a", "b"], [base64.b64encode(b).decode() for b in encoded], ["red", "red"], None, True)
+    files = materialize_images(batch, tmp_path / "images")
+    assert [Path(p).suffix for p in files.inputs] == [".png", ".jpg"]
+    assert [Path(p).read_bytes() for p in files.inputs] == encoded
+    assert not files.encoded and files.ids == ["a", "b"]
+
+
 # ------------------------------------------------------------------------------- the whole loop
 def test_a_better_challenger_is_promoted_after_waiting_out_the_registry_lock(world: SimpleNamespace, tmp_path: Path,
                                                                               capsys) -> None:
