@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from deepship.errors import ConfigError, DeepshipError, first_line
 from deepship.bench.cli import add_bench_parser  # argparse only: cheap
 from deepship.registry.cli import add_registry_parser  # argparse only: cheap
+from deepship.retrain_cli import add_retrain_parser  # argparse only: cheap
 from deepship.serving.cli import add_serve_parser  # argparse only: cheap
 from deepship.selection.curve_cli import add_learning_curve_parser  # argparse only: cheap
 
@@ -158,7 +159,23 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     print(f"{report['current']['n']} predictions in {s['windows']} windows ({s['insufficient_windows']} too small "
           f"to judge); {s['alerting_windows']} alerting{alerting}")
     print(f"report: {Path(args.out) / JSON_NAME} and {Path(args.out) / HTML_NAME}")
+    if s["alerting_windows"] and args.on_alert:
+        run_on_alert(args.on_alert, Path(args.out) / JSON_NAME)
     return EXIT_ALERT if s["alerting_windows"] else 0
+
+
+def run_on_alert(command: str, report: Path) -> int:
+    """monitor --on-alert: run the command (no shell; the report's path in DEEPSHIP_MONITOR_REPORT) and say
+    how it ended. monitor still exits 3: the alert is monitor's finding, the command's result is its own."""
+    import subprocess
+
+    env = {**os.environ, "DEEPSHIP_MONITOR_REPORT": str(report)}
+    try:
+        code = subprocess.run(shlex.split(command), env=env, check=False).returncode
+    except OSError as exc:
+        raise ConfigError(f"--on-alert {command!r}: cannot start it ({exc.strerror}); give a command on PATH") from None
+    print(f"on-alert: `{command}` exited {code}", file=sys.stderr)
+    return code
 
 
 def cmd_data_report(args: argparse.Namespace) -> int:
@@ -255,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--config", default=None, help="YAML with a monitor: section (default: the package's config)")
     monitor.add_argument("--set", nargs="+", action="extend", default=[], metavar="monitor.KEY=VALUE",
                          help="override a monitor setting, e.g. --set monitor.window=1d monitor.alpha=0.05")
+    monitor.add_argument("--on-alert", default=None, metavar="COMMAND",
+                         help="run COMMAND (no shell) when a window alerts, e.g. \"deepship retrain ...\"")
     monitor.set_defaults(func=cmd_monitor)
+    add_retrain_parser(commands)
     return parser
 
 
