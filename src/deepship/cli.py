@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from deepship.errors import ConfigError, DeepshipError, first_line
 from deepship.bench.cli import add_bench_parser  # argparse only: cheap
 from deepship.serving.cli import add_serve_parser  # argparse only: cheap
+from deepship.selection.cli import add_sweep_parser  # argparse only: cheap
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     add_serve_parser(commands)
+    add_sweep_parser(commands)
 
     monitor = commands.add_parser("monitor", help="drift and performance per window of a prediction log or dataset; "
                                                  "exit 3 on an alert")
