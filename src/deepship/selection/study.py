@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from deepship.errors import ConfigError
-from deepship.files import atomic_write_text
+from deepship.files import TMP_SUFFIX, atomic_write_text
 from deepship.selection.config import SweepConfig, SweepSection
 from deepship.selection.space import grid_search_space
 from deepship.yamlconf import parse_yaml
@@ -52,9 +52,18 @@ def trial_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
+class SweepGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for an ask-and-tell loop: the loop checks is_exhausted itself, and GridSampler's own
+    after_trial calls study.stop(), which only works inside study.optimize()."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        return None
+
+
 def build_sampler(sweep: SweepSection, seed: int) -> optuna.samplers.BaseSampler:
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_search_space(sweep.space), seed=seed)
+        return SweepGridSampler(grid_search_space(sweep.space), seed=seed)
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # the first trials explore at random; short sweeps should not spend all of their budget doing so
@@ -100,7 +109,8 @@ def prepare_sweep_dir(sweep_cfg: SweepConfig, resume: bool) -> None:
     folder, new = sweep_cfg.sweep_dir, sweep_cfg.to_dict()
     path = folder / SWEEP_FILE
     if not path.is_file():
-        if folder.is_dir() and any(folder.iterdir()):
+        # a worker started at the same moment may be writing sweep.yaml (a temp file) right now
+        if folder.is_dir() and any(not p.name.endswith(TMP_SUFFIX) for p in folder.iterdir()):
             raise ConfigError(f"sweep.out_dir: {folder} exists and holds no {SWEEP_FILE}; choose a new sweep.out_dir")
         if resume:
             raise ConfigError(f"--resume: {folder} holds no sweep yet; run without --resume to start it")
@@ -169,4 +179,4 @@ def trials_counted(study: optuna.Study) -> int:
 
 def grid_exhausted(study: optuna.Study) -> bool:
     sampler = study.sampler
-    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
+    return isinstance(sampler, SweepGridSampler) and sampler.is_exhausted(study)
