@@ -112,11 +112,13 @@ def test_a_different_config_in_an_existing_sweep_dir_needs_resume(text_csv, tiny
 
 
 # ------------------------------------------------------------------------------------------ trials
-def test_sweep_trials_are_runs_with_a_leaderboard_and_best(text_csv, tiny_bert_dir, tmp_path, capsys):
+def test_sweep_trials_are_fold_runs_with_a_leaderboard_and_best(text_csv, tiny_bert_dir, tmp_path, capsys):
+    """Two grid points under 2-fold cross-validation: one trains both folds, one is an impossible config and fails
+    with its reason while the sweep goes on; the winner's best fold exports through the normal export path."""
     space = {"train.lr": {"type": "categorical", "choices": [3.0e-3]},
              "train.batch_size": {"type": "categorical", "choices": [8, 0]}}  # 0: an impossible config
     path = sweep_file(tmp_path, text_base(text_csv, tiny_bert_dir, tmp_path, max_epochs=2), space, sampler="grid",
-                      n_trials=5)
+                      n_trials=5, cv_folds=2)
     assert cli.main(["sweep", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     sweep = tmp_path / "sweep"
@@ -125,20 +127,26 @@ def test_sweep_trials_are_runs_with_a_leaderboard_and_best(text_csv, tiny_bert_d
     good = next(r for r in rows.values() if r["params"]["train.batch_size"] == 8)
     bad = next(r for r in rows.values() if r["params"]["train.batch_size"] == 0)
     assert bad["state"] == "failed" and "train.batch_size" in bad["reason"] and "\n" not in bad["reason"]
-    assert not (sweep / "trials" / f"{bad['number']:03d}" / "best.ckpt").exists()
-    run_dir = sweep / "trials" / f"{good['number']:03d}"
-    metrics = read_json(run_dir / "metrics.json")
-    assert good["state"] == "complete" and good["value"] == metrics["val"]["accuracy"]
-    assert good["epochs"] == 2 == history_epochs(run_dir) and good["train_time_s"] == metrics["train_time_s"]
-    assert good["interval"] == read_json(run_dir / "report.json")["metrics"]["ci95"]["accuracy"]
+    assert not (sweep / "trials" / f"{bad['number']:03d}").exists()
+    trial_dir = sweep / "trials" / f"{good['number']:03d}"
+    folds = [read_json(trial_dir / f"fold_{i}" / "metrics.json") for i in range(2)]
+    values = [m["val"]["accuracy"] for m in folds]
+    assert [read_json(trial_dir / f"fold_{i}" / "metrics.json")["num_samples"]["val"] for i in range(2)] == [60, 60]
+    assert good["state"] == "complete" and good["value"] == pytest.approx(sum(values) / 2)
+    assert good["value_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)  # sample std of two values
+    assert good["epochs"] == 4 == sum(history_epochs(trial_dir / f"fold_{i}") for i in range(2))
+    assert good["train_time_s"] == pytest.approx(sum(m["train_time_s"] for m in folds))
     latency = read_json(sweep / "latency.json")["candidates"]
     assert good["latency_p95_ms"] == latency[0]["p95"] and good["onnx_bytes"] == latency[0]["onnx_bytes"]
     assert good["param_count"] == latency[0]["param_count"] > 0
-    assert read_json(sweep / "best.json")["run_dir"] == str(run_dir)
+    best_fold = trial_dir / f"fold_{values.index(max(values))}"
+    assert read_json(sweep / "best.json")["run_dir"] == str(best_fold)
     assert f"trial {good['number']:03d} " in out and "leaderboard:" in out
 
-    assert cli.main(["sweep", "--best", str(sweep)]) == 0
-    assert capsys.readouterr().out == f"{run_dir}\n"
+    assert cli.main(["sweep", "--best", str(sweep), "--export", str(tmp_path / "package")]) == 0
+    assert capsys.readouterr().out == f"{best_fold}\n"  # nothing else on stdout
+    package = read_json(tmp_path / "package" / "package.json")
+    assert package["run"]["dir"] == str(best_fold.resolve()) and (tmp_path / "package" / "parity.json").is_file()
 
 
 def val_accuracies(run_dir: Path) -> list[float]:

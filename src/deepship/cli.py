@@ -20,6 +20,7 @@ from deepship.errors import ConfigError, DeepshipError, first_line
 from deepship.bench.cli import add_bench_parser  # argparse only: cheap
 from deepship.serving.cli import add_serve_parser  # argparse only: cheap
 from deepship.selection.cli import add_sweep_parser  # argparse only: cheap
+from deepship.selection.curve_cli import add_learning_curve_parser  # argparse only: cheap
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_data_report)
 
     add_bench_parser(commands)
+    add_learning_curve_parser(commands)
 
     export = commands.add_parser("export", help="export a run to an ONNX model package, gated by a parity check")
     export.add_argument("--run", required=True, help="a finished run directory, e.g. checkpoints/my-run")

@@ -85,6 +85,11 @@ class DataConfig(_Section):
     val: list[SourceConfig] | None = Field(None, description="optional; else a stratified val_fraction of train")
     test: list[SourceConfig] | None = Field(None, description="optional held-out set, evaluated after training")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="keep this stratified, seeded share of the "
+                                  "training split (per class, at least one); smaller shares are subsets of larger")
+    cv_folds: int | None = Field(None, ge=2, description="cross-validation: split train into this many stratified, "
+                                                         "seeded folds (instead of val_fraction); null = off")
+    cv_fold: int = Field(0, ge=0, description="cross-validation: the 0-based fold that validates; the others train")
     text_column: str = "text"
     label_column: str = "label"
     path_column: str = Field("path", description="image CSV column holding file paths")
@@ -107,6 +112,26 @@ class DataConfig(_Section):
 
     _sources_as_lists = field_validator("train", "val", "test", mode="before")(classmethod(
         lambda cls, value: _as_source_list(value)))
+
+    @field_validator("cv_folds")
+    @classmethod
+    def _folds_replace_val(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("val") is not None:
+            raise ValueError("cross-validation takes every validation fold from data.train, but data.val is set "
+                             "too; drop data.val or data.cv_folds")
+        return value
+
+    @field_validator("cv_fold")
+    @classmethod
+    def _fold_exists(cls, value: int, info: ValidationInfo) -> int:
+        if "cv_folds" not in info.data:  # data.cv_folds itself was invalid: that error says enough
+            return value
+        folds = info.data["cv_folds"]
+        if folds is None and value != 0:
+            raise ValueError("data.cv_fold selects a cross-validation fold; set data.cv_folds too")
+        if folds is not None and value >= folds:
+            raise ValueError(f"data.cv_fold is 0-based and must be below data.cv_folds={folds}")
+        return value
 
 
 class ModelConfig(_Section):

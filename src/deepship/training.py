@@ -174,6 +174,12 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_p
     )
 
 
+def evaluation_trainer(cfg: Config) -> L.Trainer:
+    """One process, no callbacks, no logger: validates and predicts with exactly the weights it is given."""
+    return L.Trainer(accelerator=cfg.train.accelerator, devices=1, precision=resolve_precision(cfg), logger=False,
+                     enable_checkpointing=False, enable_model_summary=False, callbacks=[], enable_progress_bar=False)
+
+
 def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationData, best_path: str
                   ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Re-evaluate best.ckpt on val (and test), so metrics.json is what best.ckpt reproduces, and return its
@@ -182,9 +188,7 @@ def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationDat
     A fresh Trainer without callbacks: the fit Trainer's EMA callback would swap its final average
     in for the checkpoint's weights during validation. One process: the whole val set, whatever the fit
     Trainer's world size was."""
-    evaluator = L.Trainer(accelerator=cfg.train.accelerator, devices=1, precision=resolve_precision(cfg), logger=False,
-                          enable_checkpointing=False, enable_model_summary=False, callbacks=[],
-                          enable_progress_bar=False)
+    evaluator = evaluation_trainer(cfg)
     metrics: dict[str, Any] = {"val": strip_stage(evaluator.validate(module, datamodule=data, ckpt_path=best_path,
                                                                      verbose=False)[0], "val")}
     if "test" in data.datasets:

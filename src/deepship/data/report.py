@@ -120,7 +120,8 @@ def _split_rows(report: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for name, s in report["splits"].items():
         quarantined = ", ".join(f"{k}: {v}" for k, v in s.get("quarantined", {}).items()) or "0"
-        rows.append([name, s.get("sources", ""), s.get("read", ""), s.get("used", ""), quarantined,
+        sources = s.get("sources", "") + (f"; trains on {s['subset']}" if "subset" in s else "")
+        rows.append([name, sources, s.get("read", ""), s.get("used", ""), quarantined,
                      s.get("duplicates", {}).get("count", ""), s.get("non_utf8", "-"), s.get("truncated", "-")])
     return rows
 

@@ -59,19 +59,44 @@ def encode_labels(samples: Samples, classes: Sequence[str], split: str) -> np.nd
     return np.array([index[y] for y in samples.labels], dtype=np.int64)
 
 
-def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Per class, hold out round(fraction * n) samples (at least one when n >= 2); seeded."""
-    rng = np.random.default_rng(seed)
+def permute_by_class(labels: Sequence[str], rng: np.random.Generator) -> dict[str, list[int]]:
+    """Each class's sample indices in a random order, classes in sorted order (one draw per class)."""
     by_class: dict[str, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
+    return {y: rng.permutation(by_class[y]).tolist() for y in sorted(by_class)}
+
+
+def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Per class, hold out round(fraction * n) samples (at least one when n >= 2); seeded."""
     train, val = [], []
-    for y in sorted(by_class):
-        idx = rng.permutation(by_class[y]).tolist()
+    for idx in permute_by_class(labels, np.random.default_rng(seed)).values():
         n_val = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) >= 2 else 0
         val += idx[:n_val]
         train += idx[n_val:]
     return sorted(train), sorted(val)
+
+
+# Own random streams: at the same seed, the subset and the folds do not reuse the validation hold-out's draws.
+SUBSET_STREAM, FOLD_STREAM = 1, 2
+
+
+def stratified_subset(labels: Sequence[str], fraction: float, seed: int) -> list[int]:
+    """Per class, keep max(1, round(fraction * n)) samples: a prefix of a seeded per-class order that does not
+    depend on the fraction, so at one seed a smaller fraction's subset lies inside a larger one's."""
+    keep: list[int] = []
+    for idx in permute_by_class(labels, np.random.default_rng([seed, SUBSET_STREAM])).values():
+        keep += idx[: max(1, round(fraction * len(idx)))]
+    return sorted(keep)
+
+
+def stratified_folds(labels: Sequence[str], folds: int, seed: int) -> list[int]:
+    """The fold (0..folds-1) of every sample. Dealing the classes' seeded orders one after another round the
+    folds makes each class's count per fold, and each fold's size, differ by at most one."""
+    order = [i for idx in permute_by_class(labels, np.random.default_rng([seed, FOLD_STREAM])).values() for i in idx]
+    fold = np.empty(len(order), dtype=np.int64)
+    fold[order] = np.arange(len(order)) % folds
+    return fold.tolist()
 
 
 class DataValidationError(DataError):
@@ -92,10 +117,34 @@ def _quarantine(name: str, samples: Samples, cfg: Config, report: dict[str, Any]
 
 
 def _hold_out_val(train: Checked, cfg: Config, report: dict[str, Any]) -> tuple[Checked, Checked]:
-    tr, va = stratified_split(train.samples.labels, cfg.data.val_fraction, cfg.train.seed)
-    report["splits"]["val"] = {"sources": f"{cfg.data.val_fraction:g} of train (stratified, seed {cfg.train.seed})",
-                               "read": len(va), "quarantined": {}}
+    """data.val_fraction of train, or with cross-validation fold data.cv_fold of data.cv_folds."""
+    d, seed, labels = cfg.data, cfg.train.seed, train.samples.labels
+    if d.cv_folds is None:
+        tr, va = stratified_split(labels, d.val_fraction, seed)
+        source = f"{d.val_fraction:g} of train (stratified, seed {seed})"
+    else:
+        check_fold_sizes(labels, d.cv_folds, train.samples.source)
+        folds = stratified_folds(labels, d.cv_folds, seed)
+        tr = [i for i, f in enumerate(folds) if f != d.cv_fold]
+        va = [i for i, f in enumerate(folds) if f == d.cv_fold]
+        source = f"fold {d.cv_fold} of {d.cv_folds} of train (stratified, seed {seed})"
+    report["splits"]["val"] = {"sources": source, "read": len(va), "quarantined": {}}
     return train.subset(tr), train.subset(va)
+
+
+def check_fold_sizes(labels: Sequence[str], folds: int, source: str) -> None:
+    """Every class needs a sample in every fold, or some fold would train without that class."""
+    thin = {y: n for y, n in sorted(Counter(labels).items()) if n < folds}
+    if thin:
+        raise DataError(f"{source}: data.cv_folds={folds} needs at least {folds} usable training samples per class; "
+                        f"{dict(list(thin.items())[:5])} have fewer; lower data.cv_folds or add examples")
+
+
+def _keep_fraction(train: Checked, cfg: Config, report: dict[str, Any]) -> Checked:
+    keep = stratified_subset(train.samples.labels, cfg.data.train_fraction, cfg.train.seed)
+    report["splits"]["train"]["subset"] = (f"{cfg.data.train_fraction:g} of {len(train.checks)} "
+                                           f"(stratified, seed {cfg.train.seed})")
+    return train.subset(keep)
 
 
 def _remove_leakage(checked: dict[str, Checked], cfg: Config, report: dict[str, Any]) -> None:
@@ -167,6 +216,10 @@ def _check_usable(checked: dict[str, Checked], cfg: Config, report: dict[str, An
     if "val" not in checked:
         checked["train"], checked["val"] = _hold_out_val(checked["train"], cfg, report)
     _remove_leakage(checked, cfg, report)
+    if cfg.data.train_fraction < 1.0:
+        # after leakage removal, which compares against the whole training pool: every fraction
+        # validates on the same samples, so a learning curve's points differ only in training data
+        checked["train"] = _keep_fraction(checked["train"], cfg, report)
     classes = build_label_map(checked["train"].samples.labels, checked["train"].samples.source)
     for name in ("val", "test"):
         if name in checked:

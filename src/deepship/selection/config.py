@@ -96,6 +96,15 @@ class SweepConfig:
     def sweep_dir(self) -> Path:
         return Path(self.sweep.out_dir)
 
+    def fold_config(self, fold: int, where: str = "sweep") -> Config:
+        """The base config as fold `fold` of sweep.cv_folds trains it (the base config itself without folds)."""
+        if self.sweep.cv_folds is None:
+            return self.config
+        try:
+            return Config.model_validate(merge(self.base, {"data": {"cv_folds": self.sweep.cv_folds, "cv_fold": fold}}))
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: sweep.cv_folds: {format_validation_error(exc, Config)}") from None
+
     def to_dict(self) -> dict[str, Any]:
         """What sweep.yaml holds: self-contained, re-readable by load_sweep_config."""
         return {**self.base, "sweep": self.sweep.model_dump(mode="json", exclude_none=True)}
@@ -134,9 +143,9 @@ def load_sweep_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepC
     except ValidationError as exc:
         raise ConfigError(f"{path}: sweep.{format_validation_error(exc, SweepSection)}") from None
     check_space_keys(sweep, path)
-    if sweep.cv_folds is not None and "cv_folds" not in type(config.data).model_fields:
-        raise ConfigError(f"{path}: sweep.cv_folds needs data.cv_folds, which this deepship lacks; remove cv_folds")
-    return SweepConfig(config.model_dump(mode="json"), config, sweep)
+    sweep_cfg = SweepConfig(config.model_dump(mode="json"), config, sweep)
+    sweep_cfg.fold_config(0, str(path))  # cross-validation must fit the base config (no data.val, say)
+    return sweep_cfg
 
 
 def config_key_section(key: str) -> tuple[type[BaseModel], str] | None:

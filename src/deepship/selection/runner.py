@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from deepship.errors import ConfigError
 from deepship.files import write_json
-from deepship.selection._leaderboard import describe_best, write_leaderboard
+from deepship.selection.leaderboard import describe_best, write_leaderboard
 from deepship.selection.config import SweepConfig
 from deepship.selection.latency import check_budget, measure_candidates
 from deepship.selection.records import TrialRecord
@@ -36,7 +36,7 @@ def check_base(sweep_cfg: SweepConfig) -> list[str]:
     Returns the classes."""
     from deepship.data.report import validate_data
 
-    splits, _ = validate_data(sweep_cfg.config, sweep_cfg.sweep_dir)
+    splits, _ = validate_data(sweep_cfg.fold_config(0), sweep_cfg.sweep_dir)
     return list(splits.classes)
 
 
