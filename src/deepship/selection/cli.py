@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from typing import Any
 
@@ -26,10 +27,14 @@ def add_sweep_parser(commands: Any) -> None:
 
 
 def export_winner(run_dir: str, out: str) -> int:
-    """The normal export command (parity gate included) on the winning run."""
-    from deepship import cli
+    """The normal export (parity gate included) of the winning run, with export's own defaults."""
+    from deepship.export import ExportOptions, export_package
 
-    return cli.main(["export", "--run", run_dir, "--out", out])
+    package = export_package(run_dir, out, ExportOptions())
+    parity = json.loads((package / "parity.json").read_text())
+    print(f"package: {package} (parity on {parity['num_compared']} inputs: logits max_abs_diff "
+          f"{parity['max_abs_diff']:.3g}, top-1 agreement {parity['top1_agreement']:.2%})")
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
