@@ -90,6 +90,15 @@ def test_a_budget_nobody_meets_stops_before_any_trial(text_csv, tiny_bert_dir, t
     assert not (tmp_path / "sweep" / "trials").exists() and not (tmp_path / "sweep" / "journal.log").exists()
 
 
+def test_an_unknown_backbone_among_the_choices_stops_before_any_trial(image_dir, tmp_path, capsys):
+    space = {"model.backbone": {"type": "categorical", "choices": ["mobilenet_v2", "nosuchnet"]}}
+    path = sweep_file(tmp_path, image_config(image_dir, tmp_path / "unused", max_epochs=1), space)
+    assert cli.main(["sweep", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sweep.space: candidate nosuchnet @ model.image_size=32" in err
+    assert "unknown image backbone 'nosuchnet'" in err and not (tmp_path / "sweep" / "trials").exists()
+
+
 def test_bad_base_data_stops_the_sweep_before_any_trial(tiny_bert_dir, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nonly one class,pos\n")
@@ -179,29 +188,36 @@ def test_a_trial_below_the_median_is_pruned(text_csv, tiny_bert_dir, tmp_path):
 
 
 def test_an_architecture_over_the_budget_never_trains(image_dir, tmp_path):
+    """latency.json as measured before (a resumed sweep reuses it, so the test fixes the host's numbers rather than
+    hoping a busy CPU keeps them apart): 10 ms at 32 px, 90 ms at 512 px, a 40 ms budget."""
     base = image_config(image_dir, tmp_path / "unused", max_epochs=1)
     space = {"model.image_size": {"type": "categorical", "choices": [32, 512]}}
     path = sweep_file(tmp_path, base, space, sampler="grid", objective={"metric": "accuracy", "latency_budget_ms": 40})
-    assert cli.main(["sweep", "--config", str(path)]) == 0
+    prepare_sweep_dir(load_sweep_config(path), resume=False)
     sweep = tmp_path / "sweep"
-    latency = {c["size"]: c["p95"] for c in read_json(sweep / "latency.json")["candidates"]}
-    assert latency[32] <= 40 < latency[512]
+    entry = lambda size, ms: {"backbone": "mobilenet_v2", "size_key": "model.image_size", "size": size,  # noqa: E731
+                              "p50": ms, "p95": ms, "p99": ms, "param_count": 7, "onnx_bytes": 11}
+    (sweep / "latency.json").write_text(json.dumps({"classes": 3, "candidates": [entry(32, 10.0), entry(512, 90.0)]}))
+    assert cli.main(["sweep", "--config", str(path)]) == 0
     rows = {r["params"]["model.image_size"]: r for r in by_number(sweep).values()}
     assert rows[32]["state"] == "complete" and (sweep / "trials" / f"{rows[32]['number']:03d}" / "best.ckpt").is_file()
+    assert rows[32]["latency_p95_ms"] == 10.0
     slow = rows[512]
-    assert slow["state"] == "over_budget" and slow["latency_p95_ms"] == latency[512] and "over budget" in slow["reason"]
-    assert not (sweep / "trials" / f"{slow['number']:03d}" / "best.ckpt").exists()
+    assert slow["state"] == "over_budget" and slow["latency_p95_ms"] == 90.0 and slow["train_time_s"] is None
+    assert slow["reason"] == "over budget: p95 90.00 ms > 40 ms (mobilenet_v2 @ model.image_size=512)"
+    assert not (sweep / "trials" / f"{slow['number']:03d}").exists()
     assert load_study(path).trials[slow["number"]].state == optuna.trial.TrialState.PRUNED
 
 
 def test_the_same_seed_gives_the_same_sweep(text_csv, tiny_bert_dir, tmp_path):
     base = text_base(text_csv, tiny_bert_dir, tmp_path, deterministic=True)
     results = []
-    for name in ("a", "b"):
-        path = sweep_file(tmp_path, base, LR_SPACE, name=name, sampler="tpe", n_trials=2, seed=7)
+    for name, storage in (("a", None), ("b", f"sqlite:///{tmp_path / 'b.db'}")):  # journal file, then SQL
+        path = sweep_file(tmp_path, base, LR_SPACE, name=name, sampler="tpe", n_trials=2, seed=7, storage=storage)
         assert cli.main(["sweep", "--config", str(path)]) == 0
         results.append([(t.params, t.value) for t in load_study(path).get_trials()])
     assert results[0] == results[1] and len({p["train.lr"] for p, _ in results[0]}) == 2
+    assert (tmp_path / "a" / "journal.log").is_file() and not (tmp_path / "b" / "journal.log").exists()
 
 
 # ------------------------------------------------------------------------------------------ processes

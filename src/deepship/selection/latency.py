@@ -118,6 +118,15 @@ def measure_architecture(sweep_cfg: SweepConfig, arch: Architecture, classes: li
             "param_count": sum(p.numel() for p in module.parameters()), "onnx_bytes": onnx_bytes}
 
 
+def measure_named(sweep_cfg: SweepConfig, arch: Architecture, classes: list[str]) -> dict[str, Any]:
+    """measure_architecture, with a candidate that cannot be built (an unknown backbone among the choices)
+    named as the sweep's problem: every trial that draws it would fail."""
+    try:
+        return measure_architecture(sweep_cfg, arch, classes)
+    except ConfigError as exc:
+        raise ConfigError(f"sweep.space: candidate {arch.describe(size_key(sweep_cfg.config))}: {exc}") from None
+
+
 def measure_candidates(sweep_cfg: SweepConfig, classes: list[str]) -> dict[str, Any]:
     """latency.json's content; an existing file for the same candidates and classes is reused, so a resumed
     sweep or a second worker judges trials by the same numbers."""
@@ -130,7 +139,7 @@ def measure_candidates(sweep_cfg: SweepConfig, classes: list[str]) -> dict[str, 
             return old
     report = {"host": f"{platform.machine()} {os.cpu_count()} cores", "batch_size": 1, "runs": LATENCY_RUNS,
               "includes": "onnxruntime session.run of the untrained model (no preprocessing)", "classes": len(classes),
-              "candidates": [measure_architecture(sweep_cfg, a, classes) for a in archs]}
+              "candidates": [measure_named(sweep_cfg, a, classes) for a in archs]}
     sweep_cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, report)
     return report

@@ -105,12 +105,14 @@ def fit_quietly(cfg: Config, callbacks: list[Callback]) -> Path:
     per trial."""
     from deepship.training import fit
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = cfg.run_dir.parent / f"{cfg.run_dir.name}.{LOG_FILE}"  # beside the run: fit resets the run directory
-    with open(log, "w", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        run_dir = fit(cfg, extra_callbacks=callbacks)
-    log.replace(run_dir / LOG_FILE)
-    return run_dir
+    try:
+        with open(log, "w", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            return fit(cfg, extra_callbacks=callbacks)
+    finally:
+        if cfg.run_dir.is_dir():  # a failed fit too: its output helps to see why
+            log.replace(cfg.run_dir / LOG_FILE)
 
 
 def train_trial(trial: optuna.Trial, configs: list[Config], metric: str) -> Outcome:
