@@ -155,11 +155,15 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_orphan(trial):
             continue
-        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        storage.set_trial_user_attr(trial._trial_id, "state", "failed")
-        storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted: its process ended; its parameters "
-                                                               "were queued again")
-        if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(trial._trial_id, "state", "failed")
+            storage.set_trial_user_attr(trial._trial_id, "reason", "interrupted: its process ended; its parameters "
+                                                                   "were queued again")
+            claimed = storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker starting at the same moment recovered it first
+        if claimed:
             if trial.params:
                 study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             recovered.append(trial.number)

@@ -132,7 +132,7 @@ def train_trial(trial: optuna.Trial, configs: list[Config], metric: str) -> Outc
              "run_dir": str(run_dirs[0] if len(run_dirs) == 1 else run_dirs[0].parent),
              "best_run_dir": str(run_dirs[values.index(max(values))])}
     if pruning is not None and pruning.pruned_at is not None:
-        attrs["reason"] = f"pruned after epoch {pruning.pruned_at} ({metric} {pruning.last:.4f} below the median)"
+        attrs["reason"] = f"pruned after epoch {pruning.pruned_at} ({metric} {pruning.last:.4f} at that epoch)"
         return Outcome(optuna.trial.TrialState.PRUNED, None, attrs)
     return Outcome(optuna.trial.TrialState.COMPLETE, value, attrs)
 
