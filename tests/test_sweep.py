@@ -212,12 +212,15 @@ def test_an_architecture_over_the_budget_never_trains(image_dir, tmp_path):
 def test_the_same_seed_gives_the_same_sweep(text_csv, tiny_bert_dir, tmp_path):
     base = text_base(text_csv, tiny_bert_dir, tmp_path, deterministic=True)
     results = []
-    for name, storage in (("a", None), ("b", f"sqlite:///{tmp_path / 'b.db'}")):  # journal file, then SQL
-        path = sweep_file(tmp_path, base, LR_SPACE, name=name, sampler="tpe", n_trials=2, seed=7, storage=storage)
-        assert cli.main(["sweep", "--config", str(path)]) == 0
+    # a journal file with the seed given by --set, then an SQL database with the seed in the file
+    for name, storage, seed, extra in (("a", None, 0, ["--set", "sweep.seed=7"]),
+                                       ("b", f"sqlite:///{tmp_path / 'b.db'}", 7, [])):
+        path = sweep_file(tmp_path, base, LR_SPACE, name=name, sampler="tpe", n_trials=2, seed=seed, storage=storage)
+        assert cli.main(["sweep", "--config", str(path), *extra]) == 0
         results.append([(t.params, t.value) for t in load_study(path).get_trials()])
     assert results[0] == results[1] and len({p["train.lr"] for p, _ in results[0]}) == 2
     assert (tmp_path / "a" / "journal.log").is_file() and not (tmp_path / "b" / "journal.log").exists()
+    assert load_sweep_config(tmp_path / "a" / "sweep.yaml").sweep.seed == 7  # what ran, --set included
 
 
 # ------------------------------------------------------------------------------------------ processes
