@@ -158,6 +158,21 @@ def test_sweep_trials_are_fold_runs_with_a_leaderboard_and_best(text_csv, tiny_b
     assert package["run"]["dir"] == str(best_fold.resolve()) and (tmp_path / "package" / "parity.json").is_file()
 
 
+def test_a_trial_that_fails_while_training_is_recorded_and_the_sweep_goes_on(text_csv, tiny_bert_dir, tmp_path):
+    """flash attention cannot run on a CPU: training raises once it starts (a valid config, unlike batch size 0)."""
+    base = text_base(text_csv, tiny_bert_dir, tmp_path, accelerator="cpu")
+    space = {"train.sdpa_backend": {"type": "categorical", "choices": ["flash", "default"]}}
+    path = sweep_file(tmp_path, base, space, sampler="grid")
+    assert cli.main(["sweep", "--config", str(path)]) == 0
+    sweep = tmp_path / "sweep"
+    rows = {r["params"]["train.sdpa_backend"]: r for r in by_number(sweep).values()}
+    failed, done = rows["flash"], rows["default"]
+    assert failed["state"] == "failed" and failed["reason"].startswith("ConfigError: train.sdpa_backend: flash cannot run")
+    run_dir = sweep / "trials" / f"{failed['number']:03d}"
+    assert (run_dir / "train.log").is_file() and not (run_dir / "best.ckpt").exists()
+    assert done["state"] == "complete" and (sweep / "trials" / f"{done['number']:03d}" / "best.ckpt").is_file()
+
+
 def val_accuracies(run_dir: Path) -> list[float]:
     with open(run_dir / "history.csv") as f:
         return [float(row["val_accuracy"]) for row in csv.DictReader(f)]
