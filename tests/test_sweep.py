@@ -76,6 +76,19 @@ def test_bad_sweep_configs_exit_2_with_one_line(space, sweep, message, text_csv,
     assert not (tmp_path / "sweep" / "trials").exists()
 
 
+@pytest.mark.parametrize("name, overrides, architectures", [
+    ("sweep_quickstart.yaml", [], [("all-MiniLM-L6-v2", 32)]),
+    ("sweep_text.yaml", ["data.train=demo:topics/train.csv", "data.val=null"], [("all-MiniLM-L6-v2", 128)]),
+    ("sweep_image.yaml", [], [("mobilenet_v2", 128), ("efficientnet_b0", 128), ("resnet18", 128)]),
+])
+def test_shipped_sweep_configs_are_valid(name, overrides, architectures, monkeypatch):
+    from deepship.selection.latency import candidate_architectures
+
+    monkeypatch.chdir(REPO)  # base: paths are read from the current directory, as data paths are
+    cfg = load_sweep_config(REPO / "configs" / name, overrides)
+    assert [(a.backbone, a.size) for a in candidate_architectures(cfg)] == architectures
+
+
 def test_a_budget_nobody_meets_stops_before_any_trial(text_csv, tiny_bert_dir, tmp_path, capsys):
     space = {"data.max_length": {"type": "categorical", "choices": [16, 32]}}
     path = sweep_file(tmp_path, text_base(text_csv, tiny_bert_dir, tmp_path), space,
