@@ -23,6 +23,7 @@ from deepship.selection.study import (
     prepare_sweep_dir,
     recover_interrupted,
     reseed,
+    sweep_lock,
     trials_counted,
 )
 from deepship.selection.trials import Outcome, run_trial
@@ -54,15 +55,16 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
 def publish_results(study: optuna.Study, sweep_cfg: SweepConfig) -> list[TrialRecord]:
     """Leaderboard and best.json from the study alone (whichever worker writes last, they list every trial);
     each file is replaced atomically."""
-    records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
-    ranked = write_leaderboard(sweep_cfg.sweep_dir, records, sweep_cfg.sweep.objective.metric, study)
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    if complete:
-        best = max(complete, key=lambda t: (t.value, -t.number))
-        write_json(sweep_cfg.sweep_dir / BEST_FILE, {
-            "trial": best.number, "run_dir": best.user_attrs.get("best_run_dir"), "value": best.value,
-            "value_std": best.user_attrs.get("value_std"), "metric": sweep_cfg.sweep.objective.metric,
-            "params": dict(best.params), "trial_dir": best.user_attrs.get("run_dir")})
+    with sweep_lock(sweep_cfg.sweep_dir):
+        records = [trial_record(t) for t in study.get_trials(deepcopy=False)]  # read under the lock: the newest wins
+        ranked = write_leaderboard(sweep_cfg.sweep_dir, records, sweep_cfg.sweep.objective.metric, study)
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if complete:
+            best = max(complete, key=lambda t: (t.value, -t.number))
+            write_json(sweep_cfg.sweep_dir / BEST_FILE, {
+                "trial": best.number, "run_dir": best.user_attrs.get("best_run_dir"), "value": best.value,
+                "value_std": best.user_attrs.get("value_std"), "metric": sweep_cfg.sweep.objective.metric,
+                "params": dict(best.params), "trial_dir": best.user_attrs.get("run_dir")})
     return ranked
 
 
@@ -90,9 +92,10 @@ def keep_going(study: optuna.Study, sweep_cfg: SweepConfig, started: float) -> b
 
 def run_sweep(sweep_cfg: SweepConfig, resume: bool = False) -> list[TrialRecord]:
     """Run (or continue) the sweep; returns the ranked records."""
-    prepare_sweep_dir(sweep_cfg, resume)
-    classes = check_base(sweep_cfg)
-    latency = measure_candidates(sweep_cfg, classes)
+    with sweep_lock(sweep_cfg.sweep_dir):  # a second worker waits, then finds sweep.yaml and latency.json written
+        prepare_sweep_dir(sweep_cfg, resume)
+        classes = check_base(sweep_cfg)
+        latency = measure_candidates(sweep_cfg, classes)
     for c in latency["candidates"]:
         print(f"latency: {c['backbone']} {c['size_key']}={c['size']}: p95 {c['p95']:.2f} ms, "
               f"{c['param_count']:,} parameters")

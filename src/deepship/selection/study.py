@@ -12,10 +12,12 @@ resuming and several workers safe.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import optuna
@@ -29,6 +31,7 @@ from deepship.yamlconf import parse_yaml
 
 SWEEP_FILE = "sweep.yaml"
 JOURNAL_FILE = "journal.log"
+LOCK_FILE = ".sweep.lock"
 RESUMABLE_KEYS = {"sweep.n_trials", "sweep.timeout"}  # may change when a sweep is resumed
 
 
@@ -110,7 +113,7 @@ def prepare_sweep_dir(sweep_cfg: SweepConfig, resume: bool) -> None:
     path = folder / SWEEP_FILE
     if not path.is_file():
         # a worker started at the same moment may be writing sweep.yaml (a temp file) right now
-        if folder.is_dir() and any(not p.name.endswith(TMP_SUFFIX) for p in folder.iterdir()):
+        if folder.is_dir() and any(not p.name.endswith(TMP_SUFFIX) and p.name != LOCK_FILE for p in folder.iterdir()):
             raise ConfigError(f"sweep.out_dir: {folder} exists and holds no {SWEEP_FILE}; choose a new sweep.out_dir")
         if resume:
             raise ConfigError(f"--resume: {folder} holds no sweep yet; run without --resume to start it")
@@ -131,6 +134,19 @@ def prepare_sweep_dir(sweep_cfg: SweepConfig, resume: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------- workers and counting
+@contextlib.contextmanager
+def sweep_lock(folder: Path) -> Iterator[None]:
+    """One worker at a time writes the sweep directory's shared files (sweep.yaml, latency.json, leaderboard,
+    best.json): each is replaced atomically through a temp file of a fixed name, which two writers would share."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
