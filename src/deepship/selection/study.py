@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import socket
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +33,7 @@ from deepship.yamlconf import parse_yaml
 SWEEP_FILE = "sweep.yaml"
 JOURNAL_FILE = "journal.log"
 LOCK_FILE = ".sweep.lock"
+UNNAMED_GRACE_S = 60  # a RUNNING trial without its worker's name after this long was orphaned while being asked
 RESUMABLE_KEYS = {"sweep.n_trials", "sweep.timeout"}  # may change when a sweep is resumed
 
 
@@ -160,7 +162,10 @@ def process_alive(pid: int) -> bool:
 def is_orphan(trial: optuna.trial.FrozenTrial) -> bool:
     """A RUNNING trial whose worker on this host is gone. Workers on other hosts cannot be checked: their trials
     count as running until they finish (or are failed by hand)."""
-    worker = trial.user_attrs.get("worker") or {}
+    worker = trial.user_attrs.get("worker")
+    if worker is None:  # a worker names itself right after asking: one that did not was killed in between
+        started = trial.datetime_start
+        return started is not None and (datetime.now() - started).total_seconds() > UNNAMED_GRACE_S
     return worker.get("host") == socket.gethostname() and worker.get("pid") != os.getpid() \
         and not process_alive(int(worker.get("pid", 0)))
 
