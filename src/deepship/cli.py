@@ -21,6 +21,7 @@ from deepship.bench.cli import add_bench_parser  # argparse only: cheap
 from deepship.registry.cli import add_registry_parser  # argparse only: cheap
 from deepship.retrain_cli import add_retrain_parser  # argparse only: cheap
 from deepship.serving.cli import add_serve_parser  # argparse only: cheap
+from deepship.selection.cli import add_sweep_parser  # argparse only: cheap
 from deepship.selection.curve_cli import add_learning_curve_parser  # argparse only: cheap
 
 
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands)
     add_registry_parser(commands)
+    add_sweep_parser(commands)
 
     monitor = commands.add_parser("monitor", help="drift and performance per window of a prediction log or dataset; "
                                                  "exit 3 on an alert")
