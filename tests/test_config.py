@@ -180,7 +180,10 @@ def test_fsdp_with_gradient_clipping_is_refused_at_load_time(tmp_path: Path) -> 
 # --set: several KEY=VALUE items after one flag (as Hydra / LightningCLI users type them) or the flag repeated
 SET_COMMANDS = [["train", "--config", "c.yaml"], ["data-report", "--config", "c.yaml"],
                 ["evaluate", "--package", "p", "--data", "d.csv", "--out", "o"],
-                ["monitor", "--package", "p", "--current", "log.jsonl", "--out", "o"], ["serve", "--package", "p"]]
+                ["monitor", "--package", "p", "--current", "log.jsonl", "--out", "o"], ["serve", "--package", "p"],
+                ["sweep", "--config", "s.yaml"], ["learning-curve", "--config", "c.yaml"],
+                ["registry", "promote", "m"], ["retrain", "--champion", "registry:m@production", "--log", "l.jsonl",
+                                               "--labels", "y.csv", "--out", "w"]]
 
 
 @pytest.mark.parametrize("command", SET_COMMANDS, ids=lambda c: c[0])

@@ -5,6 +5,7 @@ drawn from these trials is replaced by a sentence saying why."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Sequence
 
 from deepship.htmlpage import esc, figure_tag, page, pyplot, table
@@ -109,7 +110,9 @@ def plot_importances(ranked: Sequence[TrialRecord], study: "optuna.Study | None"
         return _unavailable(title, f"not computed: {why}")
     import optuna
 
-    importances = optuna.importance.get_param_importances(study)
+    with warnings.catch_warnings():  # fANOVA warns about quantile regions on a handful of trials; the plot says enough
+        warnings.simplefilter("ignore", UserWarning)
+        importances = optuna.importance.get_param_importances(study)
     names = list(importances)[::-1]  # largest at the top of a horizontal bar chart
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, max(2.0, 0.4 * len(names) + 1)))
