@@ -33,6 +33,7 @@ from deepship.data.split import Splits
 from deepship.data.text import TextDataset
 from deepship.errors import ConfigError, Preempted
 from deepship.evaluation.evaluate import run_probe_section, write_run_report
+from deepship.evaluation.linear_probe import probe_skip_reason
 from deepship.files import remove_temp_files, write_json
 from deepship.models.backbones import Backbone, build_backbone
 from deepship.models.classifier import ClassifierModule
@@ -174,10 +175,10 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list[Callback], steps_p
     )
 
 
-def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationData, best_path: str
-                  ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationData, best_path: str,
+                  predict_test: bool = False) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Re-evaluate best.ckpt on val (and test), so metrics.json is what best.ckpt reproduces, and return its
-    validation logits (N, C) and targets (N,) for report.json.
+    logits (N, C) and targets (N,) per split: val for report.json, test too with `predict_test`.
 
     A fresh Trainer without callbacks: the fit Trainer's EMA callback would swap its final average
     in for the checkpoint's weights during validation. One process: the whole val set, whatever the fit
@@ -192,8 +193,12 @@ def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationDat
         metrics["test"] = strip_stage(test, "test")
     metrics["best_epoch"] = int(load_checkpoint_file(best_path)["epoch"]) + 1
     data.trainer = evaluator
-    outputs = evaluator.predict(module, dataloaders=data.val_dataloader(), ckpt_path=best_path)
-    return metrics, torch.cat([o[0].cpu() for o in outputs]), torch.cat([o[1].cpu() for o in outputs])
+    loaders = {"val": data.val_dataloader(), **({"test": data.test_dataloader()}
+                                                if predict_test and "test" in data.datasets else {})}
+    outputs = {split: evaluator.predict(module, dataloaders=loader, ckpt_path=best_path)
+               for split, loader in loaders.items()}
+    return metrics, {split: (torch.cat([o[0].cpu() for o in out]), torch.cat([o[1].cpu() for o in out]))
+                     for split, out in outputs.items()}
 
 
 # ---------------------------------------------------------------------------------------- fit
@@ -272,7 +277,9 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     release_process_group()
 
     # run_dir's own: a resumed run in a moved run directory remembers the old best_model_path
-    metrics, logits, targets = evaluate_best(cfg, module, data, str(run_dir / "best.ckpt"))
+    probe_runs = probe_skip_reason(cfg) is None  # it compares with the model on the test split too
+    metrics, outputs = evaluate_best(cfg, module, data, str(run_dir / "best.ckpt"), predict_test=probe_runs)
+    logits, targets = outputs["val"]
     metrics.update({
         "epochs": trainer.current_epoch,
         "train_time_s": round(throughput.seconds, 3),
@@ -286,8 +293,10 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         "precision": str(trainer.precision),
         "sdpa_backend": attention.report(),  # text: the measured attention kernel; null for images
     })
-    probe, skipped = run_probe_section(cfg, splits)  # the cheapest strong alternative, on the same val split
-    metrics["linear_probe"] = None if probe is None else {k: probe[k] for k in ("accuracy", "macro_f1", "C")}
+    # the cheapest strong alternative, input by input against the model on the same val (and test) split
+    probe, skipped = run_probe_section(cfg, splits, {split: o[0].argmax(1) for split, o in outputs.items()})
+    metrics["linear_probe"] = None if probe is None else {k: v for k, v in probe.items()
+                                                          if k not in ("name", "train_samples")}
     if skipped is not None:
         metrics["linear_probe_skipped"] = skipped
     write_json(run_dir / "metrics.json", metrics)
