@@ -17,7 +17,7 @@ import torch
 
 from deepship import cli
 from deepship.config import Config
-from deepship.evaluation.evaluate import run_probe_section
+from deepship.evaluation.evaluate import fit_run_probe
 from deepship.evaluation.linear_probe import C_GRID, extract_features, frozen_backbone, probe_predict
 
 from conftest import SHARED_DATA, export, image_config, read_json, write_config, write_image_folder
@@ -250,8 +250,7 @@ def test_the_switch_turns_the_probe_off(random_weights: Path, tmp_path: Path) ->
     raw = image_config(tmp_path, tmp_path / "runs")
     raw["model"]["pretrained"] = str(random_weights)
     raw["finetune"]["linear_probe"] = False
-    assert run_probe_section(Config.model_validate(raw), splits=None, model_preds={}) == \
-        (None, "finetune.linear_probe is false")
+    assert fit_run_probe(Config.model_validate(raw), splits=None) == (None, "finetune.linear_probe is false")
 
 
 def test_a_probe_that_fails_costs_the_run_nothing_but_the_probe(random_weights: Path, tmp_path: Path,
@@ -259,19 +258,20 @@ def test_a_probe_that_fails_costs_the_run_nothing_but_the_probe(random_weights: 
     from deepship.data.sources import Samples
     from deepship.data.split import Splits
     from deepship.errors import ConfigError
-    from deepship.evaluation import baseline
+    from deepship.evaluation import evaluate
 
     def no_sklearn(*args):
         raise ConfigError("the linear probe needs scikit-learn; pip install 'deepship[train]'")
 
-    monkeypatch.setattr(baseline, "probe_predict", no_sklearn)
+    monkeypatch.setattr(evaluate, "fit_linear_probe", no_sklearn)
     raw = image_config(tmp_path, tmp_path / "runs")
     raw["model"]["pretrained"] = str(random_weights)
     samples = Samples(["a.png", "b.png"], ["red", "blue"], ["a.png", "b.png"], "train")
-    section, reason = run_probe_section(Config.model_validate(raw), Splits(samples, samples, None, ["blue", "red"]),
-                                        {"val": torch.tensor([1, 0])})
-    assert section is None and reason == "the linear probe failed: the linear probe needs scikit-learn; pip install " \
-                                        "'deepship[train]'"
+    probe, reason = fit_run_probe(Config.model_validate(raw), Splits(samples, samples, None, ["blue", "red"]))
+    assert probe is None and reason == "the linear probe failed: the linear probe needs scikit-learn; pip install " \
+                                      "'deepship[train]'"
+    with pytest.raises(ConfigError, match="needs scikit-learn"):  # a head that starts from the probe needs it
+        fit_run_probe(Config.model_validate(raw), Splits(samples, samples, None, ["blue", "red"]), for_head=True)
 
 
 def test_a_package_whose_weights_file_is_missing_here_is_refused_before_any_work(tmp_path: Path) -> None:

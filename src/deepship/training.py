@@ -32,12 +32,12 @@ from deepship.data.report import record_truncation, validate_data, write_data_re
 from deepship.data.split import Splits
 from deepship.data.text import TextDataset
 from deepship.errors import ConfigError, Preempted
-from deepship.evaluation.evaluate import run_probe_section, write_run_report
+from deepship.evaluation.evaluate import fit_run_probe, run_probe_section, write_run_report
 from deepship.evaluation.linear_probe import probe_skip_reason
 from deepship.files import remove_temp_files, write_json
 from deepship.models.backbones import Backbone, build_backbone
 from deepship.models.classifier import ClassifierModule
-from deepship.models.finetuning import FinetuningStrategy, describe_recipe, resolve_recipe
+from deepship.models.finetuning import FinetuningStrategy, describe_recipe, load_head, resolve_recipe
 from deepship.run import (
     build_module,
     check_resume_config,
@@ -258,7 +258,7 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     run_dir = prepare_run_dir(cfg, resuming=resume is not None or not writer)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     splits, report, backbone, data = prepare_data(cfg, run_dir, resume, writer)
-    recipe = resolve_recipe(cfg, len(splits.train))  # strategy/freeze_bn auto, for this training set
+    recipe = resolve_recipe(cfg, len(splits.train))  # strategy/freeze_bn/head_init auto, for this training set
     module = build_module(cfg, backbone, splits.classes, loss_settings(cfg, splits.classes, splits.train.labels),
                           report["fingerprint"], recipe)
     throughput = ThroughputCallback()
@@ -271,14 +271,17 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         print_header(trainer, splits, run_dir, resume)
         if (line := describe_recipe(cfg.finetune, recipe)) is not None:
             print(line, flush=True)
+    probe, probe_skipped = fit_run_probe(cfg, splits, for_head=recipe.head_init == "probe")
+    if recipe.head_init == "probe":  # a resumed run's checkpoint then replaces it
+        load_head(module.net, *probe.as_linear(splits.classes))
     fit_or_preempt(trainer, module, data, resume, run_dir)
     if not trainer.is_global_zero:
         return run_dir
     release_process_group()
 
     # run_dir's own: a resumed run in a moved run directory remembers the old best_model_path
-    probe_runs = probe_skip_reason(cfg) is None  # it compares with the model on the test split too
-    metrics, outputs = evaluate_best(cfg, module, data, str(run_dir / "best.ckpt"), predict_test=probe_runs)
+    compare = probe is not None and probe_skip_reason(cfg) is None  # the probe meets the model on test too
+    metrics, outputs = evaluate_best(cfg, module, data, str(run_dir / "best.ckpt"), predict_test=compare)
     logits, targets = outputs["val"]
     metrics.update({
         "epochs": trainer.current_epoch,
@@ -294,11 +297,12 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         "sdpa_backend": attention.report(),  # text: the measured attention kernel; null for images
     })
     # the cheapest strong alternative, input by input against the model on the same val (and test) split
-    probe, skipped = run_probe_section(cfg, splits, {split: o[0].argmax(1) for split, o in outputs.items()})
-    metrics["linear_probe"] = None if probe is None else {k: v for k, v in probe.items()
-                                                          if k not in ("name", "train_samples")}
+    section, skipped = run_probe_section(cfg, splits, probe, {split: o[0].argmax(1) for split, o in outputs.items()}) \
+        if probe is not None else (None, probe_skipped)
+    metrics["linear_probe"] = None if section is None else {k: v for k, v in section.items()
+                                                            if k not in ("name", "train_samples")}
     if skipped is not None:
         metrics["linear_probe_skipped"] = skipped
     write_json(run_dir / "metrics.json", metrics)
-    write_run_report(cfg, run_dir, logits, targets, splits.classes, metrics["precision"], baseline=probe)
+    write_run_report(cfg, run_dir, logits, targets, splits.classes, metrics["precision"], baseline=section)
     return run_dir

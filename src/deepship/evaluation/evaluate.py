@@ -21,7 +21,7 @@ from deepship.errors import ConfigError, DataError, DeepshipError, first_line
 from deepship.evaluation.baseline import BASELINES, Baseline, compare_with_model, get_baseline
 from deepship.evaluation.html import render_html
 from deepship.evaluation.latency import measure_latency
-from deepship.evaluation.linear_probe import probe_skip_reason
+from deepship.evaluation.linear_probe import LinearProbe, fit_linear_probe, probe_applies, probe_skip_reason
 from deepship.evaluation.report import Decisions, build_report, comparison_section, fit_decision_rule
 from deepship.evaluation.schema import Report
 from deepship.files import atomic_write_text, finite
@@ -119,29 +119,46 @@ def baseline_scores(predictions: Sequence[str], targets: np.ndarray, labels: Seq
             "vs_model": compare_with_model(model_preds.cpu(), preds, t, n_resamples)}
 
 
-def run_probe_section(cfg: Config, splits: Splits, model_preds: dict[str, torch.Tensor]
+def fit_run_probe(cfg: Config, splits: Splits, for_head: bool = False) -> tuple[LinearProbe | None, str | None]:
+    """A training run's linear probe, fitted once on its training split before training: the report compares
+    the model with it, and with `for_head` (finetune.head_init probe) the model's head starts from it. Returns it,
+    or None and why not (text runs, no pretrained weights, finetune.linear_probe false, or it failed: a probe
+    only for the report must not cost the run; one the head needs must work)."""
+    if for_head:
+        if not probe_applies(cfg) or cfg.model.pretrained is False:
+            raise ConfigError("finetune.head_init: probe needs a pretrained image backbone (model.pretrained); "
+                              "use head_init random or auto")
+        return fit_linear_probe(cfg, splits.train.inputs, splits.train.labels), None
+    reason = probe_skip_reason(cfg)
+    if reason is not None:
+        return None, reason
+    try:
+        return fit_linear_probe(cfg, splits.train.inputs, splits.train.labels), None
+    except DeepshipError as exc:
+        return None, f"the linear probe failed: {first_line(exc, 300)}"
+
+
+def run_probe_section(cfg: Config, splits: Splits, probe: LinearProbe, model_preds: dict[str, torch.Tensor]
                       ) -> tuple[dict[str, Any] | None, str | None]:
-    """A training run's linear probe: fitted once on its training split, scored on its validation split (and
-    under "test" on its test split when `model_preds` has one), each against the model's predictions there
-    (label indices, in split order); or None and the reason it does not apply (text runs, no pretrained
-    weights, finetune.linear_probe false) or failed: a probe that cannot run must not cost the run its metrics."""
+    """The fitted probe scored on the run's validation split (and under "test" on its test split when
+    `model_preds` has one), each against the model's predictions there (label indices, in split order);
+    or None and why not (finetune.linear_probe false, or predicting failed)."""
     reason = probe_skip_reason(cfg)
     if reason is not None:
         return None, reason
     scored = {name: s for name, s in (("val", splits.val), ("test", splits.test)) if s is not None and name in model_preds}
     try:
-        fit = BASELINES["linear-probe"].predict(cfg, splits.train.inputs, splits.train.labels,
-                                                [x for s in scored.values() for x in s.inputs])
+        predictions = probe.predict([x for s in scored.values() for x in s.inputs])
     except DeepshipError as exc:
         return None, f"the linear probe failed: {first_line(exc, 300)}"
     parts, start = {}, 0
     for name, samples in scored.items():
         targets = np.array([splits.classes.index(y) for y in samples.labels])
-        parts[name] = baseline_scores(fit.predictions[start:start + len(samples)], targets, splits.classes,
+        parts[name] = baseline_scores(predictions[start:start + len(samples)], targets, splits.classes,
                                       model_preds[name])
         start += len(samples)
     section = {"name": BASELINES["linear-probe"].name, "train_samples": len(splits.train), **parts.pop("val"),
-               **fit.details}
+               "C": probe.C}
     return section | parts, None  # the test split's scores, if any, under "test"
 
 

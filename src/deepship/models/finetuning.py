@@ -52,6 +52,8 @@ def resolve_recipe(cfg: Config, train_size: int) -> FinetuneConfig:
             update["backbone_lr"] = (f.head_lr or cfg.train.lr) * SMALL_DATA_BACKBONE_LR_SCALE
     if f.freeze_bn == "auto":
         update["freeze_bn"] = small
+    if f.head_init == "auto":
+        update["head_init"] = "probe" if small else "random"
     return f.model_copy(update=update)
 
 
@@ -63,7 +65,22 @@ def describe_recipe(requested: FinetuneConfig, resolved: FinetuneConfig) -> str 
     staged = f" (the head alone for {n} epoch{'' if n == 1 else 's'})" if resolved.strategy == "freeze_then_unfreeze" \
         else ""
     lr = f", backbone_lr {resolved.backbone_lr:g}" if resolved.backbone_lr is not None else ""
-    return f"finetune: strategy {resolved.strategy}{staged}{lr}, freeze_bn {str(resolved.freeze_bn).lower()}"
+    head = ", head from the linear probe" if resolved.head_init == "probe" else ""
+    return f"finetune: strategy {resolved.strategy}{staged}{lr}, freeze_bn {str(resolved.freeze_bn).lower()}{head}"
+
+
+def load_head(net: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copy (C, D) weight and (C,) bias into the net's classification head, e.g. the linear probe's: fine-tuning
+    then starts from a converged head instead of a random one, whose large early gradients would otherwise
+    flow into the pretrained layers."""
+    from deepship.models.backbones import classification_head
+
+    head = classification_head(net)
+    if head.weight.shape != weight.shape:
+        raise ValueError(f"head is {tuple(head.weight.shape)}, the weights to load are {tuple(weight.shape)}")
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
 
 
 # ------------------------------------------------------------------------------ learning rates
