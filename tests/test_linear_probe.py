@@ -298,3 +298,41 @@ def test_probe_on_flowers17_with_a_real_pretrained_backbone(tmp_path: Path) -> N
     predictions, c = probe_predict(Config.model_validate(raw), train_paths, train_labels, test_paths)
     assert c in C_GRID and len(test_paths) == 240
     assert np.mean(np.asarray(predictions) == np.asarray(test_labels)) >= 0.90  # about 0.94 measured
+
+
+# ------------------------------------------------------------------------------ the head from the probe
+@pytest.mark.parametrize("classes", [("red", "green", "blue"), ("red", "blue")])
+def test_the_probe_as_one_linear_layer_gives_its_probabilities(classes: tuple[str, ...]) -> None:
+    from deepship.evaluation.linear_probe import LinearProbe, fit_probe
+
+    rng = np.random.default_rng(0)
+    labels = [classes[i % len(classes)] for i in range(60)]
+    x = rng.normal(size=(60, 8)) * rng.uniform(0.5, 5, size=8) + rng.normal(size=8) * 3  # unscaled, off-center
+    x[:, 0] += [3.0 * classes.index(y) for y in labels]  # some signal
+    pipeline = fit_probe(x.astype(np.float32), labels, SEED)
+    order = list(reversed(classes))  # any order the model's labels come in
+    weight, bias = LinearProbe(backbone=None, pipeline=pipeline).as_linear(order)
+    probs = torch.softmax(torch.as_tensor(x, dtype=torch.float32) @ weight.T + bias, dim=1).numpy()
+    expected = pipeline.predict_proba(x)[:, [list(pipeline.classes_).index(c) for c in order]]
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("head_init", ["probe", "random"])
+def test_a_head_started_from_the_probe_predicts_what_the_probe_predicts(head_init: str, random_weights: Path,
+                                                                       tmp_path: Path) -> None:
+    """Frozen backbone, a learning rate too small to move anything: the model is its starting point. From the probe
+    it answers exactly what an independently fitted probe answers; from a random head it does not."""
+    train = write_image_folder(tmp_path / "train", n_per_class=10, seed=1)
+    raw = image_config(train, tmp_path / "runs", max_epochs=1, lr=1e-9, run_name=head_init)
+    raw["model"]["pretrained"] = str(random_weights)
+    raw["data"]["val_fraction"] = 0.4
+    raw["finetune"].update({"strategy": "freeze", "head_init": head_init})
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["train", "--config", str(write_config(tmp_path / "config.yaml", raw))]) == 0
+    run_dir = tmp_path / "runs" / head_init
+    splits = run_splits(run_dir)
+    expected, _ = reference_probe(reference_features(random_weights, splits.train.inputs, 32), splits.train.labels,
+                                  reference_features(random_weights, splits.val.inputs, 32))
+    model = package_predictions(export(run_dir, tmp_path / "package"), splits.val.inputs)
+    same = [splits.classes[i] for i in model] == list(expected)
+    assert same if head_init == "probe" else not same
