@@ -258,7 +258,7 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     run_dir = prepare_run_dir(cfg, resuming=resume is not None or not writer)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     splits, report, backbone, data = prepare_data(cfg, run_dir, resume, writer)
-    recipe = resolve_recipe(cfg, len(splits.train))  # strategy/freeze_bn/head_init auto, for this training set
+    recipe = resolve_recipe(cfg, len(splits.train), len(splits.classes))  # the auto settings, for this training set
     module = build_module(cfg, backbone, splits.classes, loss_settings(cfg, splits.classes, splits.train.labels),
                           report["fingerprint"], recipe)
     throughput = ThroughputCallback()
