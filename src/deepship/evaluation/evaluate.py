@@ -29,7 +29,6 @@ from deepship.runtime.modality import Modality
 from deepship.runtime.predictor import Predictor
 
 if TYPE_CHECKING:
-    from deepship.data.sources import Samples
     from deepship.data.split import Splits
 
 JSON_NAME, HTML_NAME = "report.json", "report.html"
