@@ -386,24 +386,49 @@ def test_auto_recipe_follows_the_documented_threshold(train_size: int, strategy:
     from deepship.models.finetuning import resolve_recipe
 
     for pretrained in ("w.safetensors", True):
-        recipe = resolve_recipe(recipe_config(pretrained=pretrained), train_size)
+        recipe = resolve_recipe(recipe_config(pretrained=pretrained), train_size, 2)
         assert (recipe.strategy, recipe.freeze_bn, recipe.unfreeze_epoch) == (strategy, freeze_bn, 1)
         assert recipe.backbone_lr == (pytest.approx(backbone_lr) if backbone_lr else None)
         assert recipe.head_lr is None  # the head keeps train.lr
+
+
+@pytest.mark.parametrize("train_size,num_classes,head_init", [
+    (119, 12, "probe"),  # documented: fewer than 10 training images per class start the head from the probe
+    (120, 12, "random"),
+    (19, 2, "probe"),
+    (20, 2, "random"),
+])
+def test_auto_recipe_starts_few_shot_heads_from_the_probe(train_size: int, num_classes: int, head_init: str) -> None:
+    from deepship.models.finetuning import describe_recipe, resolve_recipe
+
+    cfg = recipe_config()
+    recipe = resolve_recipe(cfg, train_size, num_classes)
+    assert (recipe.strategy, recipe.head_init) == ("freeze_then_unfreeze", head_init)
+    assert describe_recipe(cfg.finetune, recipe).endswith(", head from the linear probe") == (head_init == "probe")
+
+
+def test_head_init_auto_belongs_to_the_auto_recipe_and_explicit_values_win() -> None:
+    from deepship.models.finetuning import resolve_recipe
+
+    for cfg in (recipe_config(pretrained=False), recipe_config(task="text_classification"),
+                recipe_config(strategy="freeze_then_unfreeze")):
+        assert resolve_recipe(cfg, 24, 12).head_init == "random"
+    assert resolve_recipe(recipe_config(head_init="random"), 24, 12).head_init == "random"
+    assert resolve_recipe(recipe_config(strategy="full", head_init="probe"), 24000, 12).head_init == "probe"
 
 
 def test_auto_recipe_is_for_pretrained_image_backbones_and_keeps_explicit_values() -> None:
     from deepship.models.finetuning import resolve_recipe
 
     for cfg in (recipe_config(pretrained=False), recipe_config(task="text_classification")):
-        recipe = resolve_recipe(cfg, 100)
+        recipe = resolve_recipe(cfg, 100, 2)
         assert (recipe.strategy, recipe.freeze_bn, recipe.backbone_lr) == ("full", False, None)
-    recipe = resolve_recipe(recipe_config(backbone_lr=5e-5, freeze_bn=False, unfreeze_epoch=3, head_lr=1e-2), 100)
+    recipe = resolve_recipe(recipe_config(backbone_lr=5e-5, freeze_bn=False, unfreeze_epoch=3, head_lr=1e-2), 100, 2)
     assert (recipe.strategy, recipe.freeze_bn, recipe.backbone_lr, recipe.unfreeze_epoch) == \
         ("freeze_then_unfreeze", False, 5e-5, 3)
-    assert resolve_recipe(recipe_config(head_lr=1e-2), 100).backbone_lr == pytest.approx(1e-3)  # head LR x 0.1
+    assert resolve_recipe(recipe_config(head_lr=1e-2), 100, 2).backbone_lr == pytest.approx(1e-3)  # head LR x 0.1
     for strategy in ("full", "gradual"):  # freeze_bn auto belongs to the auto recipe (its lower backbone LR)
-        explicit = resolve_recipe(recipe_config(strategy=strategy), 100)
+        explicit = resolve_recipe(recipe_config(strategy=strategy), 100, 2)
         assert (explicit.strategy, explicit.freeze_bn, explicit.backbone_lr) == (strategy, False, None)
 
 

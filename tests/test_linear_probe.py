@@ -17,7 +17,7 @@ import torch
 
 from deepship import cli
 from deepship.config import Config
-from deepship.evaluation.evaluate import run_probe_section
+from deepship.evaluation.evaluate import fit_run_probe
 from deepship.evaluation.linear_probe import C_GRID, extract_features, frozen_backbone, probe_predict
 
 from conftest import SHARED_DATA, export, image_config, read_json, write_config, write_image_folder
@@ -90,11 +90,44 @@ def pretrained_run(random_weights: Path, tmp_path_factory: pytest.TempPathFactor
     raw = image_config(train, root / "runs", max_epochs=1, run_name="probe")
     raw["model"]["pretrained"] = str(random_weights)
     raw["data"]["val_fraction"] = 0.4
+    raw["data"]["test"] = str(write_image_folder(root / "test", n_per_class=6, seed=4))
     config = write_config(root / "config.yaml", raw)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli.main(["train", "--config", str(config)]) == 0
     return root / "runs" / "probe", out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run_package(pretrained_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(pretrained_run[0], tmp_path_factory.mktemp("probe-package") / "package")
+
+
+def package_predictions(package: Path, paths: list[str]) -> np.ndarray:
+    """The exported model's label indices (onnxruntime argmax): the model's answers, computed apart from the run."""
+    from deepship.runtime.predictor import Predictor
+
+    return Predictor.load(package).batched_logits(paths, 8).argmax(1)
+
+
+def expected_comparison(model: np.ndarray, probe: np.ndarray, targets: np.ndarray) -> dict:
+    """Model vs probe by hand: the accuracy difference, who alone gets which inputs right, McNemar's exact
+    two-sided p-value from scipy's binomial test, and the verdict it implies."""
+    from scipy.stats import binomtest
+
+    b, c = int(np.sum((model == targets) & (probe != targets))), int(np.sum((model != targets) & (probe == targets)))
+    p = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    diff = float(np.mean(model == targets) - np.mean(probe == targets))
+    return {"difference": diff, "b": b, "c": c, "p": p,
+            "verdict": "ties" if p >= 0.05 else ("beats" if diff > 0 else "loses to")}
+
+
+def assert_comparison(vs: dict, expected: dict) -> None:
+    assert vs["difference"] == pytest.approx(expected["difference"], abs=1e-12)
+    assert (vs["mcnemar"]["model_only_correct"], vs["mcnemar"]["baseline_only_correct"]) == (expected["b"], expected["c"])
+    assert vs["mcnemar"]["p_value"] == pytest.approx(expected["p"], rel=1e-9)
+    assert vs["verdict"] == expected["verdict"]
+    assert vs["ci95"][0] <= expected["difference"] <= vs["ci95"][1]
 
 
 def run_splits(run_dir: Path):
@@ -121,42 +154,88 @@ def test_probe_matches_torchvision_features_and_sklearn(random_weights: Path, tm
     assert len(set(predictions)) > 1  # not a degenerate constant answer
 
 
-def test_run_reports_the_probe_beside_the_model(pretrained_run: tuple[Path, str], random_weights: Path) -> None:
+def test_paired_comparison_matches_mcnemar_by_scipy_and_a_normal_interval() -> None:
+    from scipy.stats import binomtest
+
+    from deepship.evaluation.baseline import compare_with_model, describe_comparison
+
+    # 400 inputs: both right on 300, only the model on 40, only the baseline on 20, both wrong on 40
+    targets = torch.arange(400) % 3
+    wrong = (targets + 1) % 3
+    model_ok = torch.tensor([True] * 300 + [True] * 40 + [False] * 20 + [False] * 40)
+    base_ok = torch.tensor([True] * 300 + [False] * 40 + [True] * 20 + [False] * 40)
+    model, base = torch.where(model_ok, targets, wrong), torch.where(base_ok, targets, wrong)
+
+    vs = compare_with_model(model, base, targets, n_resamples=4000)
+    p = binomtest(20, 60, 0.5).pvalue  # about 0.013
+    assert vs["difference"] == pytest.approx(0.05) and vs["mcnemar"]["p_value"] == pytest.approx(p, rel=1e-9)
+    assert (vs["model_accuracy"], vs["baseline_accuracy"]) == (pytest.approx(340 / 400), pytest.approx(320 / 400))
+    assert vs["verdict"] == "beats"
+    se = np.sqrt((60 / 400 - 0.05 ** 2) / 400)  # standard error of the mean of the per-input differences
+    assert vs["ci95"] == pytest.approx([0.05 - 1.96 * se, 0.05 + 1.96 * se], abs=0.008)
+    lo, hi = (f"{100 * x:+.1f}" for x in vs["ci95"])
+    assert describe_comparison(vs, "fine-tuning", "the linear probe") == \
+        f"fine-tuning beats the linear probe (diff +5.0 points, 95% CI [{lo}, {hi}], McNemar p={p:.3g})"
+
+    reverse = compare_with_model(base, model, targets, n_resamples=500)
+    assert reverse["verdict"] == "loses to" and reverse["difference"] == pytest.approx(-0.05)
+    # 25 vs 20 discordant inputs: p about 0.55, the interval straddles zero
+    close = torch.where(torch.tensor([True] * 355 + [False] * 45), targets, wrong)
+    other = torch.where(torch.tensor([True] * 330 + [False] * 25 + [True] * 20 + [False] * 25), targets, wrong)
+    tie = compare_with_model(close, other, targets, n_resamples=500)
+    assert tie["verdict"] == "ties" and tie["mcnemar"]["p_value"] == pytest.approx(binomtest(25, 45, 0.5).pvalue)
+    assert tie["ci95"][0] < 0 < tie["ci95"][1]
+
+
+def test_run_reports_the_probe_beside_the_model(pretrained_run: tuple[Path, str], run_package: Path,
+                                                random_weights: Path) -> None:
     run_dir, stdout = pretrained_run
     splits = run_splits(run_dir)
     train_x = reference_features(random_weights, splits.train.inputs, 32)
-    predictions, c = reference_probe(train_x, splits.train.labels, reference_features(random_weights, splits.val.inputs, 32))
-    accuracy = float(np.mean(predictions == np.asarray(splits.val.labels)))
-
     metrics = read_json(run_dir / "metrics.json")
-    assert metrics["linear_probe"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
-    assert metrics["linear_probe"]["C"] == c and "linear_probe_skipped" not in metrics
+    probe = metrics["linear_probe"]
+    lines = [x for x in stdout.splitlines() if x.startswith("linear probe (")]
+    assert len(lines) == 2 and "linear_probe_skipped" not in metrics
+    for split, part, line in (("val", probe, lines[0]), ("test", probe["test"], lines[1])):
+        samples = getattr(splits, split)
+        predictions, c = reference_probe(train_x, splits.train.labels,
+                                         reference_features(random_weights, samples.inputs, 32))
+        targets = np.array([splits.classes.index(y) for y in samples.labels])
+        model = package_predictions(run_package, samples.inputs)
+        expected = expected_comparison(model, np.array([splits.classes.index(y) for y in predictions]), targets)
+        assert part["accuracy"] == pytest.approx(float(np.mean(predictions == np.asarray(samples.labels))), abs=1e-12)
+        assert probe["C"] == c
+        assert_comparison(part["vs_model"], expected)
+        assert part["vs_model"]["model_accuracy"] == pytest.approx(metrics[split]["accuracy"], abs=1e-6)
+        assert line.startswith(f"linear probe ({split}, {len(samples)} inputs): accuracy={part['accuracy']:.4f} ")
+        assert f"fine-tuning {expected['verdict']} the linear probe (diff {100 * expected['difference']:+.1f} " \
+               f"points, 95% CI [" in line and line.endswith(f"McNemar p={expected['p']:.3g})")
     baseline = read_json(run_dir / "report.json")["baseline"]
     assert baseline["name"] == "linear_probe" and baseline["train_samples"] == len(splits.train)
-    assert baseline["accuracy"] == metrics["linear_probe"]["accuracy"]
-    assert "Baseline: linear_probe" in (run_dir / "report.html").read_text()
-    model = metrics["val"]["accuracy"]
-    points = abs(100 * (model - accuracy))
-    line = next(x for x in stdout.splitlines() if x.startswith("linear probe (val): "))
-    assert f"accuracy={accuracy:.4f}" in line and f"(model {model:.4f}: " in line
-    assert (f"by {points:.1f} points" in line) if round(points, 1) else "tie" in line
+    assert baseline["accuracy"] == probe["accuracy"] and baseline["vs_model"] == probe["vs_model"]
+    html = (run_dir / "report.html").read_text()
+    assert "Baseline: linear_probe" in html and f"the model {probe['test']['vs_model']['verdict']} the baseline" in html
 
 
 def test_evaluate_reports_the_probe_trained_on_the_package_training_split(
-        pretrained_run: tuple[Path, str], random_weights: Path, tmp_path: Path) -> None:
+        pretrained_run: tuple[Path, str], run_package: Path, random_weights: Path, tmp_path: Path) -> None:
     run_dir, _ = pretrained_run
-    package = export(run_dir, tmp_path / "package")
     held_out = write_image_folder(tmp_path / "held-out", n_per_class=5, seed=3)
     out = tmp_path / "report"
-    assert cli.main(["evaluate", "--package", str(package), "--data", str(held_out), "--out", str(out),
+    assert cli.main(["evaluate", "--package", str(run_package), "--data", str(held_out), "--out", str(out),
                      "--latency-runs", "0", "--bootstrap", "50", "--baseline", "linear-probe"]) == 0
-    train = run_splits(run_dir).train
+    splits = run_splits(run_dir)
     paths, labels = folder_samples(held_out)
-    predictions, c = reference_probe(reference_features(random_weights, train.inputs, 32), train.labels,
+    predictions, c = reference_probe(reference_features(random_weights, splits.train.inputs, 32), splits.train.labels,
                                      reference_features(random_weights, paths, 32))
     baseline = read_json(out / "report.json")["baseline"]
     assert baseline["name"] == "linear_probe" and baseline["C"] == c
     assert baseline["accuracy"] == pytest.approx(float(np.mean(predictions == np.asarray(labels))), abs=1e-12)
+    targets = np.array([splits.classes.index(y) for y in labels])
+    expected = expected_comparison(package_predictions(run_package, paths),
+                                   np.array([splits.classes.index(y) for y in predictions]), targets)
+    assert_comparison(baseline["vs_model"], expected)
+    assert baseline["vs_model"]["n"] == len(paths) == 15
 
 
 def test_runs_without_a_pretrained_image_backbone_skip_the_probe_saying_why(tiny_image_run: Path,
@@ -171,7 +250,7 @@ def test_the_switch_turns_the_probe_off(random_weights: Path, tmp_path: Path) ->
     raw = image_config(tmp_path, tmp_path / "runs")
     raw["model"]["pretrained"] = str(random_weights)
     raw["finetune"]["linear_probe"] = False
-    assert run_probe_section(Config.model_validate(raw), splits=None) == (None, "finetune.linear_probe is false")
+    assert fit_run_probe(Config.model_validate(raw), splits=None) == (None, "finetune.linear_probe is false")
 
 
 def test_a_probe_that_fails_costs_the_run_nothing_but_the_probe(random_weights: Path, tmp_path: Path,
@@ -179,18 +258,20 @@ def test_a_probe_that_fails_costs_the_run_nothing_but_the_probe(random_weights: 
     from deepship.data.sources import Samples
     from deepship.data.split import Splits
     from deepship.errors import ConfigError
-    from deepship.evaluation import baseline
+    from deepship.evaluation import evaluate
 
     def no_sklearn(*args):
         raise ConfigError("the linear probe needs scikit-learn; pip install 'deepship[train]'")
 
-    monkeypatch.setattr(baseline, "probe_predict", no_sklearn)
+    monkeypatch.setattr(evaluate, "fit_linear_probe", no_sklearn)
     raw = image_config(tmp_path, tmp_path / "runs")
     raw["model"]["pretrained"] = str(random_weights)
     samples = Samples(["a.png", "b.png"], ["red", "blue"], ["a.png", "b.png"], "train")
-    section, reason = run_probe_section(Config.model_validate(raw), Splits(samples, samples, None, ["blue", "red"]))
-    assert section is None and reason == "the linear probe failed: the linear probe needs scikit-learn; pip install " \
-                                        "'deepship[train]'"
+    probe, reason = fit_run_probe(Config.model_validate(raw), Splits(samples, samples, None, ["blue", "red"]))
+    assert probe is None and reason == "the linear probe failed: the linear probe needs scikit-learn; pip install " \
+                                      "'deepship[train]'"
+    with pytest.raises(ConfigError, match="needs scikit-learn"):  # a head that starts from the probe needs it
+        fit_run_probe(Config.model_validate(raw), Splits(samples, samples, None, ["blue", "red"]), for_head=True)
 
 
 def test_a_package_whose_weights_file_is_missing_here_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -217,3 +298,41 @@ def test_probe_on_flowers17_with_a_real_pretrained_backbone(tmp_path: Path) -> N
     predictions, c = probe_predict(Config.model_validate(raw), train_paths, train_labels, test_paths)
     assert c in C_GRID and len(test_paths) == 240
     assert np.mean(np.asarray(predictions) == np.asarray(test_labels)) >= 0.90  # about 0.94 measured
+
+
+# ------------------------------------------------------------------------------ the head from the probe
+@pytest.mark.parametrize("classes", [("red", "green", "blue"), ("red", "blue")])
+def test_the_probe_as_one_linear_layer_gives_its_probabilities(classes: tuple[str, ...]) -> None:
+    from deepship.evaluation.linear_probe import LinearProbe, fit_probe
+
+    rng = np.random.default_rng(0)
+    labels = [classes[i % len(classes)] for i in range(60)]
+    x = rng.normal(size=(60, 8)) * rng.uniform(0.5, 5, size=8) + rng.normal(size=8) * 3  # unscaled, off-center
+    x[:, 0] += [3.0 * classes.index(y) for y in labels]  # some signal
+    pipeline = fit_probe(x.astype(np.float32), labels, SEED)
+    order = list(reversed(classes))  # any order the model's labels come in
+    weight, bias = LinearProbe(backbone=None, pipeline=pipeline).as_linear(order)
+    probs = torch.softmax(torch.as_tensor(x, dtype=torch.float32) @ weight.T + bias, dim=1).numpy()
+    expected = pipeline.predict_proba(x)[:, [list(pipeline.classes_).index(c) for c in order]]
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("head_init", ["probe", "random"])
+def test_a_head_started_from_the_probe_predicts_what_the_probe_predicts(head_init: str, random_weights: Path,
+                                                                       tmp_path: Path) -> None:
+    """Frozen backbone, a learning rate too small to move anything: the model is its starting point. From the probe
+    it answers exactly what an independently fitted probe answers; from a random head it does not."""
+    train = write_image_folder(tmp_path / "train", n_per_class=10, seed=1)
+    raw = image_config(train, tmp_path / "runs", max_epochs=1, lr=1e-9, run_name=head_init)
+    raw["model"]["pretrained"] = str(random_weights)
+    raw["data"]["val_fraction"] = 0.4
+    raw["finetune"].update({"strategy": "freeze", "head_init": head_init})
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["train", "--config", str(write_config(tmp_path / "config.yaml", raw))]) == 0
+    run_dir = tmp_path / "runs" / head_init
+    splits = run_splits(run_dir)
+    expected, _ = reference_probe(reference_features(random_weights, splits.train.inputs, 32), splits.train.labels,
+                                  reference_features(random_weights, splits.val.inputs, 32))
+    model = package_predictions(export(run_dir, tmp_path / "package"), splits.val.inputs)
+    same = [splits.classes[i] for i in model] == list(expected)
+    assert same if head_init == "probe" else not same

@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from deepship.errors import ConfigError, DeepshipError, first_line
 from deepship.bench.cli import add_bench_parser  # argparse only: cheap
@@ -54,16 +54,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_probe(probe: dict[str, float], model_accuracy: float) -> str:
-    """One line: did fine-tuning beat a logistic regression on the frozen pretrained features (val accuracy)?"""
-    points = 100 * (model_accuracy - probe["accuracy"])
-    if round(points, 1) == 0:
-        verdict = "fine-tuning and the probe tie"
-    else:
-        winner, loser = ("fine-tuning", "the probe") if points > 0 else ("the probe", "fine-tuning")
-        verdict = f"{winner} beats {loser} by {abs(points):.1f} points"
-    return (f"linear probe (val): accuracy={probe['accuracy']:.4f} macro_f1={probe['macro_f1']:.4f} C={probe['C']:g} "
-            f"(model {model_accuracy:.4f}: {verdict})")
+def describe_probe(probe: dict[str, Any], model_accuracy: float) -> str:
+    """Did fine-tuning beat a logistic regression on the frozen pretrained features? One line per split the
+    probe was scored on (val, and test when the run has one), each a paired comparison on the same inputs;
+    `model_accuracy`: the model's val accuracy as metrics.json reports it."""
+    from deepship.evaluation.baseline import describe_comparison
+
+    lines = []
+    for split, part in (("val", probe), ("test", probe.get("test"))):
+        if part:
+            vs = part["vs_model"]
+            model = model_accuracy if split == "val" else vs["model_accuracy"]
+            lines.append(f"linear probe ({split}, {vs['n']} inputs): accuracy={part['accuracy']:.4f} "
+                         f"macro_f1={part['macro_f1']:.4f} C={probe['C']:g}; model {model:.4f}: "
+                         + describe_comparison(vs, "fine-tuning", "the linear probe"))
+    return "\n".join(lines)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

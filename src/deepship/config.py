@@ -156,6 +156,10 @@ class FinetuneConfig(_Section):
     freeze_bn: bool | Literal["auto"] = Field(
         "auto", description="true: backbone BatchNorms keep their pretrained running statistics while training; "
                             "auto = true when strategy auto picks its small-data recipe")
+    head_init: Literal["auto", "random", "probe"] = Field(
+        "auto", description="probe: the head starts as the linear probe fitted on the frozen pretrained features "
+                            "(linear probing then fine-tuning); auto = probe when strategy auto picks its small-data "
+                            "recipe and there are fewer than 10 training images per class")
     unfreeze_epoch: int = Field(1, ge=0, description="freeze_then_unfreeze/gradual: first epoch (0-based) "
                                                      "that trains backbone layers")
     unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing the next layer group")

@@ -32,11 +32,12 @@ from deepship.data.report import record_truncation, validate_data, write_data_re
 from deepship.data.split import Splits
 from deepship.data.text import TextDataset
 from deepship.errors import ConfigError, Preempted
-from deepship.evaluation.evaluate import run_probe_section, write_run_report
+from deepship.evaluation.evaluate import fit_run_probe, run_probe_section, write_run_report
+from deepship.evaluation.linear_probe import probe_skip_reason
 from deepship.files import remove_temp_files, write_json
 from deepship.models.backbones import Backbone, build_backbone
 from deepship.models.classifier import ClassifierModule
-from deepship.models.finetuning import FinetuningStrategy, describe_recipe, resolve_recipe
+from deepship.models.finetuning import FinetuningStrategy, describe_recipe, load_head, resolve_recipe
 from deepship.run import (
     build_module,
     check_resume_config,
@@ -180,10 +181,10 @@ def evaluation_trainer(cfg: Config) -> L.Trainer:
                      enable_checkpointing=False, enable_model_summary=False, callbacks=[], enable_progress_bar=False)
 
 
-def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationData, best_path: str
-                  ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationData, best_path: str,
+                  predict_test: bool = False) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Re-evaluate best.ckpt on val (and test), so metrics.json is what best.ckpt reproduces, and return its
-    validation logits (N, C) and targets (N,) for report.json.
+    logits (N, C) and targets (N,) per split: val for report.json, test too with `predict_test`.
 
     A fresh Trainer without callbacks: the fit Trainer's EMA callback would swap its final average
     in for the checkpoint's weights during validation. One process: the whole val set, whatever the fit
@@ -196,8 +197,12 @@ def evaluate_best(cfg: Config, module: ClassifierModule, data: ClassificationDat
         metrics["test"] = strip_stage(test, "test")
     metrics["best_epoch"] = int(load_checkpoint_file(best_path)["epoch"]) + 1
     data.trainer = evaluator
-    outputs = evaluator.predict(module, dataloaders=data.val_dataloader(), ckpt_path=best_path)
-    return metrics, torch.cat([o[0].cpu() for o in outputs]), torch.cat([o[1].cpu() for o in outputs])
+    loaders = {"val": data.val_dataloader(), **({"test": data.test_dataloader()}
+                                                if predict_test and "test" in data.datasets else {})}
+    outputs = {split: evaluator.predict(module, dataloaders=loader, ckpt_path=best_path)
+               for split, loader in loaders.items()}
+    return metrics, {split: (torch.cat([o[0].cpu() for o in out]), torch.cat([o[1].cpu() for o in out]))
+                     for split, out in outputs.items()}
 
 
 # ---------------------------------------------------------------------------------------- fit
@@ -257,7 +262,7 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
     run_dir = prepare_run_dir(cfg, resuming=resume is not None or not writer)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     splits, report, backbone, data = prepare_data(cfg, run_dir, resume, writer)
-    recipe = resolve_recipe(cfg, len(splits.train))  # strategy/freeze_bn auto, for this training set
+    recipe = resolve_recipe(cfg, len(splits.train), len(splits.classes))  # the auto settings, for this training set
     module = build_module(cfg, backbone, splits.classes, loss_settings(cfg, splits.classes, splits.train.labels),
                           report["fingerprint"], recipe)
     throughput = ThroughputCallback()
@@ -270,13 +275,18 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         print_header(trainer, splits, run_dir, resume)
         if (line := describe_recipe(cfg.finetune, recipe)) is not None:
             print(line, flush=True)
+    probe, probe_skipped = fit_run_probe(cfg, splits, for_head=recipe.head_init == "probe")
+    if recipe.head_init == "probe":  # a resumed run's checkpoint then replaces it
+        load_head(module.net, *probe.as_linear(splits.classes))
     fit_or_preempt(trainer, module, data, resume, run_dir)
     if not trainer.is_global_zero:
         return run_dir
     release_process_group()
 
     # run_dir's own: a resumed run in a moved run directory remembers the old best_model_path
-    metrics, logits, targets = evaluate_best(cfg, module, data, str(run_dir / "best.ckpt"))
+    compare = probe is not None and probe_skip_reason(cfg) is None  # the probe meets the model on test too
+    metrics, outputs = evaluate_best(cfg, module, data, str(run_dir / "best.ckpt"), predict_test=compare)
+    logits, targets = outputs["val"]
     metrics.update({
         "epochs": trainer.current_epoch,
         "train_time_s": round(throughput.seconds, 3),
@@ -290,10 +300,13 @@ def fit(cfg: Config, extra_callbacks: Sequence[Callback] = ()) -> Path:
         "precision": str(trainer.precision),
         "sdpa_backend": attention.report(),  # text: the measured attention kernel; null for images
     })
-    probe, skipped = run_probe_section(cfg, splits)  # the cheapest strong alternative, on the same val split
-    metrics["linear_probe"] = None if probe is None else {k: probe[k] for k in ("accuracy", "macro_f1", "C")}
+    # the cheapest strong alternative, input by input against the model on the same val (and test) split
+    section, skipped = run_probe_section(cfg, splits, probe, {split: o[0].argmax(1) for split, o in outputs.items()}) \
+        if probe is not None else (None, probe_skipped)
+    metrics["linear_probe"] = None if section is None else {k: v for k, v in section.items()
+                                                            if k not in ("name", "train_samples")}
     if skipped is not None:
         metrics["linear_probe_skipped"] = skipped
     write_json(run_dir / "metrics.json", metrics)
-    write_run_report(cfg, run_dir, logits, targets, splits.classes, metrics["precision"], baseline=probe)
+    write_run_report(cfg, run_dir, logits, targets, splits.classes, metrics["precision"], baseline=section)
     return run_dir

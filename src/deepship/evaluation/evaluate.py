@@ -18,10 +18,10 @@ import torch
 
 from deepship.config import Config, ObjectiveConfig, SourceConfig, validate_section
 from deepship.errors import ConfigError, DataError, DeepshipError, first_line
-from deepship.evaluation.baseline import BASELINES, Baseline, get_baseline
+from deepship.evaluation.baseline import BASELINES, Baseline, compare_with_model, get_baseline
 from deepship.evaluation.html import render_html
 from deepship.evaluation.latency import measure_latency
-from deepship.evaluation.linear_probe import probe_skip_reason
+from deepship.evaluation.linear_probe import LinearProbe, fit_linear_probe, probe_applies, probe_skip_reason
 from deepship.evaluation.report import Decisions, build_report, comparison_section, fit_decision_rule
 from deepship.evaluation.schema import Report
 from deepship.files import atomic_write_text, finite
@@ -29,7 +29,6 @@ from deepship.runtime.modality import Modality
 from deepship.runtime.predictor import Predictor
 
 if TYPE_CHECKING:
-    from deepship.data.sources import Samples
     from deepship.data.split import Splits
 
 JSON_NAME, HTML_NAME = "report.json", "report.html"
@@ -86,8 +85,9 @@ def read_history(run_dir: Path | None) -> list[dict[str, Any]] | None:
 
 # ----------------------------------------------------------------------------------- sections
 def baseline_section(cfg: Config, options: EvaluateOptions, inputs: Sequence[str], targets: np.ndarray,
-                     labels: Sequence[str], baseline: Baseline) -> dict[str, Any]:
-    """The baseline trained on the package's own training split (or --baseline-train), scored on `inputs`."""
+                     labels: Sequence[str], baseline: Baseline, model_preds: torch.Tensor) -> dict[str, Any]:
+    """The baseline trained on the package's own training split (or --baseline-train), scored on `inputs`
+    and compared, input by input, with the package's predictions `model_preds` (label indices)."""
     from deepship.data.split import load_splits
 
     if options.baseline_train:
@@ -99,36 +99,66 @@ def baseline_section(cfg: Config, options: EvaluateOptions, inputs: Sequence[str
     except DataError as exc:
         raise DataError(f"--baseline {options.baseline}: cannot read the training data ({exc}); "
                         "pass --baseline-train FILE") from None
-    return score_baseline(cfg, baseline, train, inputs, targets, labels)
+    fit = baseline.predict(cfg, train.inputs, train.labels, inputs)
+    return {"name": baseline.name, "train_samples": len(train),
+            **baseline_scores(fit.predictions, targets, labels, model_preds, options.n_resamples), **fit.details}
 
 
-def score_baseline(cfg: Config, baseline: Baseline, train: Samples, inputs: Sequence[str], targets: np.ndarray,
-                   labels: Sequence[str]) -> dict[str, Any]:
-    """Fit `baseline` on `train`, score its predictions for `inputs` against `targets` (label indices)."""
+def baseline_scores(predictions: Sequence[str], targets: np.ndarray, labels: Sequence[str], model_preds: torch.Tensor,
+                    n_resamples: int = 1000) -> dict[str, Any]:
+    """Accuracy and macro-F1 of a baseline's label strings against `targets` (label indices), and `vs_model`:
+    the paired comparison with the model's predictions on the same inputs."""
     from deepship.evaluation.metrics import score
 
-    fit = baseline.predict(cfg, train.inputs, train.labels, inputs)
     index = {label: i for i, label in enumerate(labels)}
-    preds = torch.tensor([index.get(y, -1) for y in fit.predictions])
+    preds = torch.tensor([index.get(y, -1) for y in predictions])
     t = torch.from_numpy(targets)
     one_hot = torch.nn.functional.one_hot(preds.clamp(min=0), len(labels)).double()
-    return {"name": baseline.name, "train_samples": len(train), "accuracy": score("accuracy", one_hot, preds, t),
-            "macro_f1": score("macro_f1", one_hot, preds, t), **fit.details}
+    return {"accuracy": score("accuracy", one_hot, preds, t), "macro_f1": score("macro_f1", one_hot, preds, t),
+            "vs_model": compare_with_model(model_preds.cpu(), preds, t, n_resamples)}
 
 
-def run_probe_section(cfg: Config, splits: Splits) -> tuple[dict[str, Any] | None, str | None]:
-    """A training run's linear probe: fitted on its training split, scored on its validation split; or None
-    and the reason it does not apply (text runs, no pretrained weights, finetune.linear_probe false) or failed:
-    a probe that cannot run must not cost the finished run its metrics.json."""
+def fit_run_probe(cfg: Config, splits: Splits, for_head: bool = False) -> tuple[LinearProbe | None, str | None]:
+    """A training run's linear probe, fitted once on its training split before training: the report compares
+    the model with it, and with `for_head` (finetune.head_init probe) the model's head starts from it. Returns it,
+    or None and why not (text runs, no pretrained weights, finetune.linear_probe false, or it failed: a probe
+    only for the report must not cost the run; one the head needs must work)."""
+    if for_head:
+        if not probe_applies(cfg) or cfg.model.pretrained is False:
+            raise ConfigError("finetune.head_init: probe needs a pretrained image backbone (model.pretrained); "
+                              "use head_init random or auto")
+        return fit_linear_probe(cfg, splits.train.inputs, splits.train.labels), None
     reason = probe_skip_reason(cfg)
     if reason is not None:
         return None, reason
-    targets = np.array([splits.classes.index(y) for y in splits.val.labels])
     try:
-        return score_baseline(cfg, BASELINES["linear-probe"], splits.train, splits.val.inputs, targets,
-                              splits.classes), None
+        return fit_linear_probe(cfg, splits.train.inputs, splits.train.labels), None
     except DeepshipError as exc:
         return None, f"the linear probe failed: {first_line(exc, 300)}"
+
+
+def run_probe_section(cfg: Config, splits: Splits, probe: LinearProbe, model_preds: dict[str, torch.Tensor]
+                      ) -> tuple[dict[str, Any] | None, str | None]:
+    """The fitted probe scored on the run's validation split (and under "test" on its test split when
+    `model_preds` has one), each against the model's predictions there (label indices, in split order);
+    or None and why not (finetune.linear_probe false, or predicting failed)."""
+    reason = probe_skip_reason(cfg)
+    if reason is not None:
+        return None, reason
+    scored = {name: s for name, s in (("val", splits.val), ("test", splits.test)) if s is not None and name in model_preds}
+    try:
+        predictions = probe.predict([x for s in scored.values() for x in s.inputs])
+    except DeepshipError as exc:
+        return None, f"the linear probe failed: {first_line(exc, 300)}"
+    parts, start = {}, 0
+    for name, samples in scored.items():
+        targets = np.array([splits.classes.index(y) for y in samples.labels])
+        parts[name] = baseline_scores(predictions[start:start + len(samples)], targets, splits.classes,
+                                      model_preds[name])
+        start += len(samples)
+    section = {"name": BASELINES["linear-probe"].name, "train_samples": len(splits.train), **parts.pop("val"),
+               "C": probe.C}
+    return section | parts, None  # the test split's scores, if any, under "test"
 
 
 def challenger_section(predictor: Predictor, logits: torch.Tensor, targets: torch.Tensor, inputs: Sequence[str],
@@ -162,6 +192,7 @@ def evaluate_package(package: str | Path, data: str, out: str | Path, options: E
         calibration = {"temperature": 1.0, "fitted_on": None}
         notes.append("the package carries no fitted temperature (exported before calibration): T = 1")
     run_dir = Path(manifest.get("run", {}).get("dir", "")) if manifest.get("run", {}).get("dir") else None
+    decisions = Decisions(logits, float(calibration["temperature"]), predictor.thresholds, predictor.labels)
     report = build_report(
         logits, targets, predictor.labels, objective, calibration=calibration, thresholds=predictor.thresholds,
         model={"name": manifest.get("run", {}).get("name"), "task": manifest["task"], "labels": predictor.labels,
@@ -169,7 +200,8 @@ def evaluate_package(package: str | Path, data: str, out: str | Path, options: E
                "package": str(package)},
         data={"source": str(data), "split": "given"},
         latency=measure_latency(predictor, inputs, runs=options.latency_runs) if options.latency_runs else None,
-        baseline=baseline_section(cfg, options, inputs, targets_np, predictor.labels, baseline) if baseline else None,
+        baseline=baseline_section(cfg, options, inputs, targets_np, predictor.labels, baseline, decisions.preds)
+        if baseline else None,
         comparison=challenger_section(predictor, logits, targets, inputs, objective.metric, options)
         if options.compare else None,
         history=read_history(run_dir), notes=notes, n_resamples=options.n_resamples)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from deepship.evaluation.baseline import describe_comparison
 from deepship.htmlpage import esc, figure_tag, page, pyplot, table
 
 
@@ -176,6 +177,10 @@ def extras_html(report: dict[str, Any]) -> str:
         parts.append(f"<h2>Baseline: {esc(b['name'])}{chosen}</h2>" + table(
             ["", "accuracy", "macro F1"], [["model", fmt(report["metrics"]["accuracy"]), fmt(report["metrics"]["macro_f1"])],
                                            ["baseline", fmt(b["accuracy"]), fmt(b["macro_f1"])]]))
+        for split, part in (("these inputs", b), ("the run's test split", b.get("test"))):
+            if part and part.get("vs_model"):
+                parts.append(f"<p>On {split} ({part['vs_model']['n']}, paired): "
+                             f"{esc(describe_comparison(part['vs_model'], 'the model', 'the baseline'))}</p>")
     if report["comparison"]:
         c = report["comparison"]
         ci = c["paired_bootstrap"]["ci"]

@@ -9,6 +9,7 @@ preprocessing (resize, center crop, normalize; no augmentation) that the model a
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -45,7 +46,8 @@ def frozen_backbone(cfg: Config) -> Backbone:
     """The config's image backbone with its pretrained weights, in eval mode. Built by the same builder as
     the model, so its preprocessing spec is the one the run and its package use."""
     require_pretrained(cfg)
-    backbone = build_backbone(cfg.task, cfg.model, cfg.data, num_classes=1)  # the head is never used
+    with torch.random.fork_rng(devices=[]):  # its random init (then overwritten) must not shift a run's RNG stream
+        backbone = build_backbone(cfg.task, cfg.model, cfg.data, num_classes=1)  # the head is never used
     backbone.net.eval().requires_grad_(False)
     return backbone
 
@@ -89,13 +91,47 @@ def fit_probe(features: np.ndarray, labels: Sequence[str], seed: int) -> Pipelin
     return search.fit(features, list(labels)).best_estimator_
 
 
+@dataclass(frozen=True)
+class LinearProbe:
+    """A fitted probe with the frozen backbone it reads (its own copy: fine-tuning the model leaves it as it is)."""
+
+    backbone: Backbone
+    pipeline: Pipeline
+
+    @property
+    def C(self) -> float:  # noqa: N802 (scikit-learn's name for it)
+        return float(self.pipeline[-1].C)
+
+    def predict(self, paths: Sequence[str]) -> list[str]:
+        """Label strings for `paths` (an empty list for none)."""
+        if not paths:
+            return []
+        return [str(y) for y in self.pipeline.predict(extract_features(self.backbone, paths))]
+
+    def as_linear(self, classes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probe as one Linear layer on the raw pooled features, rows in `classes` order: weight (C, D) and
+        bias (C,) with the standardization folded in, so W x + b gives the probe's decision function."""
+        scaler, regression = self.pipeline[0], self.pipeline[-1]
+        order = [list(regression.classes_).index(c) for c in classes]
+        coef, intercept = regression.coef_, regression.intercept_
+        if coef.shape[0] == 1:  # binary: sklearn keeps one row, the log-odds of classes_[1]
+            coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+        weight = coef[order] / scaler.scale_
+        bias = intercept[order] - weight @ scaler.mean_
+        return torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32)
+
+
+def fit_linear_probe(cfg: Config, train_paths: Sequence[str], train_labels: Sequence[str]) -> LinearProbe:
+    """The config's frozen pretrained backbone and the probe fitted on its features of the training images."""
+    backbone = frozen_backbone(cfg)
+    return LinearProbe(backbone, fit_probe(extract_features(backbone, train_paths), train_labels, cfg.train.seed))
+
+
 def probe_predict(cfg: Config, train_paths: Sequence[str], train_labels: Sequence[str],
                   paths: Sequence[str]) -> tuple[list[str], float]:
     """Fit the probe on the training images, predict label strings for `paths`; returns them and the C chosen."""
-    backbone = frozen_backbone(cfg)
-    probe = fit_probe(extract_features(backbone, train_paths), train_labels, cfg.train.seed)
-    predictions = probe.predict(extract_features(backbone, paths))
-    return [str(y) for y in predictions], float(probe[-1].C)
+    probe = fit_linear_probe(cfg, train_paths, train_labels)
+    return probe.predict(paths), probe.C
 
 
 PROBE_MODALITY = "image"  # it probes a CNN's pooled features
