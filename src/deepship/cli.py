@@ -1,8 +1,8 @@
 """`deepship <command>`: argument parsing and the mapping of errors to exit codes.
 
 Exit codes are a contract that scripts and pipelines rely on (docs/architecture.md): 0 ok; 2 bad usage,
-config or input; 4 `evaluate` found an objective gate failed; 3 `monitor` raised an alert; 143 `train`
-stopped by SIGTERM after saving; 1 anything else (a failed export gate included).
+config or input; 4 a gate refused (`evaluate`'s objective, `registry promote`, `retrain`); 3 `monitor`
+raised an alert; 143 `train` stopped by SIGTERM after saving; 1 anything else (a failed export gate included).
 """
 
 from __future__ import annotations
@@ -202,7 +202,11 @@ def cmd_data_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepship", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="deepship", description="Fine-tune image and text classifiers, ship them as ONNX packages, then "
+                                     "evaluate, serve, monitor, select and retrain them.",
+        epilog="exit codes: 0 ok; 2 bad usage, config or input; 3 monitor alert; 4 a gate refused; 143 train stopped by "
+               "SIGTERM after saving; 1 anything else")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune a classifier from a YAML config")
