@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 TMP_SUFFIX = ".tmp"  # temp files are ".<name>.tmp" beside their target; nothing else in a run ends so
 
@@ -77,3 +78,20 @@ def finite(value: Any) -> Any:
     if isinstance(value, list):
         return [finite(v) for v in value]
     return value
+
+
+@contextmanager
+def exclusive(lock_path: Path, wait: bool = True) -> Iterator[None]:
+    """One holder at a time across processes (DDP ranks, sweep workers, two runs on the same files): an flock on
+    `lock_path`. With wait=False a held lock raises BlockingIOError at once instead of waiting."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: callers' unique temp names still keep writers from mixing
+        yield
+        return
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -10,7 +10,6 @@ promote to `production` through the registry's gate. A failed training or export
 
 from __future__ import annotations
 
-import fcntl
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -21,6 +20,7 @@ from pydantic import ValidationError
 
 from deepship.config import Config, SourceConfig, apply_overrides
 from deepship.errors import ConfigError
+from deepship.files import exclusive
 from deepship.retrain_data import (
     LabeledBatch,
     check_decision_classes,
@@ -190,13 +190,12 @@ def write_new_data(base: Config, batch: LabeledBatch, new: LabeledBatch, decisio
 def workdir_lock(out: Path) -> Iterator[None]:
     """One retrain per work directory: a second one started meanwhile would train into the same run."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".retrain.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"--out {out}: another retrain is working in it; wait for it or use another "
-                              "--out") from None
-        yield
+    try:
+        with exclusive(out / ".retrain.lock", wait=False):
+            yield
+    except BlockingIOError:
+        raise ConfigError(f"--out {out}: another retrain is working in it; wait for it or use another "
+                          "--out") from None
 
 
 def train_challenger(cfg: Config) -> Path:

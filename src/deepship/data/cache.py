@@ -16,9 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepship.data.image import train_transform
 from deepship.errors import ConfigError
-from deepship.files import temp_path
+from deepship.files import exclusive, temp_path
 from deepship.runtime.preprocess import ImageSpec, center_offsets, load_image, resize_shorter_side
 
 CACHE_FORMAT = 1
@@ -73,22 +72,6 @@ def usable(path: Path, n: int, size: int) -> bool:
         return np.load(path, mmap_mode="r").shape == (n, size, size, 3)
     except (OSError, ValueError):
         return False
-
-
-@contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """One builder at a time per cache file, across processes (DDP ranks, two runs on the same data)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: unique temp names still keep builds from mixing
-        yield
-        return
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_image_cache(paths: Sequence[str], spec: ImageSpec, path: Path, workers: int = 0,

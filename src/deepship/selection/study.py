@@ -12,20 +12,19 @@ resuming and several workers safe.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import socket
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from deepship.errors import ConfigError
-from deepship.files import TMP_SUFFIX, atomic_write_text
+from deepship.files import TMP_SUFFIX, atomic_write_text, exclusive
 from deepship.selection.config import SweepConfig, SweepSection
 from deepship.selection.space import grid_search_space
 from deepship.yamlconf import parse_yaml
@@ -136,17 +135,11 @@ def prepare_sweep_dir(sweep_cfg: SweepConfig, resume: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------- workers and counting
-@contextlib.contextmanager
-def sweep_lock(folder: Path) -> Iterator[None]:
+def sweep_lock(folder: Path) -> AbstractContextManager[None]:
     """One worker at a time writes the sweep directory's shared files (sweep.yaml, latency.json, leaderboard,
     best.json): each is replaced atomically through a temp file of a fixed name, which two writers would share."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive(folder / LOCK_FILE)
 
 
 def process_alive(pid: int) -> bool:
