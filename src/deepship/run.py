@@ -19,6 +19,7 @@ from deepship.files import atomic_write_text, write_json
 from deepship.models.backbones import MODEL_CONFIG_DIR, TOKENIZER_DIR, Backbone, build_backbone, save_model_config
 from deepship.models.classifier import ClassifierModule, optim_settings
 from deepship.runtime.preprocess import ImageSpec, TextSpec
+from deepship.yamlconf import changed_keys, flatten
 
 FINISHED_RUN_FILES = ("best.ckpt", "last.ckpt", "metrics.json")
 
@@ -175,17 +176,6 @@ RESUME_SAFE_SECTIONS = ("objective.", "monitor.")
 WORLD_KEYS = ("train.devices", "train.num_nodes", "train.batch_size", "train.strategy")
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def global_batch(train: dict[str, Any]) -> int | None:
     """Samples per optimizer step across all processes; None when the device count is 'auto'."""
     devices = train.get("devices", 1)
@@ -198,7 +188,7 @@ def global_batch(train: dict[str, Any]) -> int | None:
 def unsafe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The dotted config keys whose change a resume cannot honour: "key: old -> new" items."""
     old, new = flatten(saved), flatten(current)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changed = changed_keys(saved, current)
     changed = [k for k in changed if k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_SECTIONS)]
     batch = global_batch(saved.get("train", {}))
     if batch is not None and batch == global_batch(current.get("train", {})):

@@ -27,7 +27,7 @@ from deepship.errors import ConfigError
 from deepship.files import TMP_SUFFIX, atomic_write_text, exclusive
 from deepship.selection.config import SweepConfig, SweepSection
 from deepship.selection.space import grid_search_space
-from deepship.yamlconf import parse_yaml
+from deepship.yamlconf import changed_keys, parse_yaml
 
 SWEEP_FILE = "sweep.yaml"
 JOURNAL_FILE = "journal.log"
@@ -100,13 +100,6 @@ def reseed(study: optuna.Study, sweep: SweepSection, number: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- the sweep directory
-def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [k for key in dict.fromkeys([*old, *new])
-                for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}." if prefix or key else "")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
 def prepare_sweep_dir(sweep_cfg: SweepConfig, resume: bool) -> None:
     """A new sweep directory gets sweep.yaml; an existing one must hold this same sweep (the same command again
     continues it, as a second worker does); with --resume only n_trials and timeout may differ."""
